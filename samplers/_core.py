@@ -1,0 +1,149 @@
+"""Plumbing every kernel shares: per-row randomness, the accept/reject rule, batching.
+
+Every state is a NamedTuple of tensors whose first dimension is the chain (row). Rows are
+independent, so states from different requests concatenate into one batch and split
+back (`concat`, `take`), and each request keeps its own random stream (`Noise`): the
+samples a seed produces do not depend on who else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+
+S = TypeVar("S", bound=tuple)
+
+
+class Info(NamedTuple):
+    """Diagnostics of one step, one entry per row."""
+
+    is_accepted: torch.Tensor  # (B,) bool
+    log_ratio: torch.Tensor  # (B,) log acceptance ratio; NaN counts as rejection
+    acceptance_probability: torch.Tensor  # (B,) min(1, exp(log_ratio)), 0 where NaN
+
+
+class Noise:
+    """Randomness for a batch whose consecutive row blocks own separate generators.
+
+    Example:
+        >>> noise = Noise.seeded(0, rows=4)
+        >>> noise.normal(2).shape
+        torch.Size([4, 2])
+
+    Each block of `rows[i]` rows draws from `generators[i]`, so a request's samples depend
+    only on its seed, wherever its rows sit in a shared batch.
+    """
+
+    def __init__(
+        self,
+        generators: Sequence[torch.Generator],
+        rows: Sequence[int],
+        device: torch.device | str = "cpu",
+    ):
+        assert len(generators) == len(rows), "one generator per block of rows"
+        assert all(n >= 0 for n in rows), "row counts must be non-negative"
+        self.generators = list(generators)
+        self.rows = [int(n) for n in rows]
+        self.device = torch.device(device)
+
+    @classmethod
+    def seeded(cls, seed: int, rows: int, device: torch.device | str = "cpu") -> Noise:
+        return cls([make_generator(seed, device)], [rows], device)
+
+    @property
+    def batch_size(self) -> int:
+        return sum(self.rows)
+
+    def _draw(self, fn: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        blocks = [
+            fn((n, *shape), generator=g, device=self.device, dtype=dtype)
+            for g, n in zip(self.generators, self.rows, strict=True)
+            if n > 0
+        ]
+        if not blocks:
+            return torch.empty((0, *shape), device=self.device, dtype=dtype)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal draws of shape (B, *shape)."""
+        return self._draw(torch.randn, shape, dtype)
+
+    def uniform(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """U(0, 1) draws of shape (B, *shape)."""
+        return self._draw(torch.rand, shape, dtype)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def accept(log_ratio: torch.Tensor, noise: Noise) -> Info:
+    """The Metropolis-Hastings test, per row: accept iff log U < log_ratio.
+
+    A NaN log ratio (a discriminator that overflowed, a proposal outside the support)
+    rejects instead of propagating.
+    """
+    log_ratio = log_ratio.float()
+    log_u = noise.uniform().clamp_min(torch.finfo(torch.float32).tiny).log()
+    finite = ~torch.isnan(log_ratio)
+    is_accepted = finite & (log_u < log_ratio)
+    probability = torch.where(finite, log_ratio.clamp(max=0.0).exp(), torch.zeros_like(log_ratio))
+    return Info(is_accepted, log_ratio, probability)
+
+
+def where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Row-wise select: row i of `new` where mask[i], else row i of `old`."""
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def select(mask: torch.Tensor, new: S, old: S) -> S:
+    """Row-wise select between two states of the same type."""
+    return type(old)(*(where_rows(mask, n, o) for n, o in zip(new, old, strict=True)))
+
+
+def concat(states: Sequence[S]) -> S:
+    """Stack several states of one kind into one batch (rows in the given order)."""
+    assert states, "need at least one state"
+    if len(states) == 1:
+        return states[0]
+    return type(states[0])(*(torch.cat(fields) for fields in zip(*states, strict=True)))
+
+
+def take(state: S, index: torch.Tensor | slice) -> S:
+    """The rows `index` (a slice, integer indices or a boolean mask) of a state."""
+    return type(state)(*(field[index] for field in state))
+
+
+def split(state: S, rows: Sequence[int]) -> list[S]:
+    """Inverse of `concat`: cut a batch into consecutive blocks of `rows` rows."""
+    fields = [torch.split(field, list(rows)) for field in state]
+    return [type(state)(*parts) for parts in zip(*fields, strict=True)]
+
+
+def per_row(value: float | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """A per-request parameter broadcast to one float per row."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device).expand(rows).clone()
+
+
+class Kernel(NamedTuple):
+    """A method's step and how to read its output, with parameters fixed by `build`.
+
+    step(state, noise) -> (state, info) advances every row once.
+    output(state) -> (B, *shape) is what each row would return now (never a real point).
+    restart(state) -> (state, restarted) lets a chain that never left its real starting
+    point start again from its first proposal; None for methods without real starts.
+    """
+
+    step: Any
+    output: Any
+    restart: Any = None
+
+
+def noise_rows(noise: Noise, mask: torch.Tensor) -> Noise:
+    """The Noise of the rows in `mask`, keeping each row's own generator."""
+    counts = [int(part.sum()) for part in torch.split(mask.cpu(), noise.rows)]
+    return Noise(noise.generators, counts, noise.device)

@@ -1,0 +1,97 @@
+"""Independent implicit Metropolis-Hastings (MH-GAN).
+
+Propose x' = G(z') independently of the current state and accept with probability
+min(1, exp(l(x') - l(x))), where exp(l) estimates p / p_G. With the exact log ratio the
+chain's stationary law is p.
+
+Chains start at held-out real samples (`init_real`, MH-GAN's choice: no burn-in) or at
+a generator sample (`init_generator`). A real starting point is never returned: a chain
+that has not accepted a single proposal when its steps run out restarts from its first
+proposal (`restart`), and `output` falls back to that proposal too.
+
+Example:
+    >>> kernel = build(propose, log_ratio)
+    >>> state = init_generator(propose, log_ratio, Noise.seeded(0, rows=64))
+    >>> for _ in range(20):
+    ...     state, info = kernel.step(state, noise)
+    >>> samples = kernel.output(state)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from samplers._core import Info, Kernel, Noise, accept, where_rows
+from samplers.proposals import IndependentProposal
+
+LogRatio = Callable[[torch.Tensor], torch.Tensor]
+
+
+class State(NamedTuple):
+    x: torch.Tensor  # (B, *shape) current sample
+    logit: torch.Tensor  # (B,) l(x), cached
+    is_real: torch.Tensor  # (B,) bool: still at the real starting point
+    first_x: torch.Tensor  # (B, *shape) first proposal, the restart point of a real start
+    first_logit: torch.Tensor  # (B,)
+    has_first: torch.Tensor  # (B,) bool: first_x holds a proposal
+
+
+@torch.inference_mode()
+def init_real(x_real: torch.Tensor, log_ratio: LogRatio) -> State:
+    """Start each row at a held-out real sample (the first proposal fills in later)."""
+    logit = log_ratio(x_real).float()
+    is_real = torch.ones(len(x_real), dtype=torch.bool, device=x_real.device)
+    return State(
+        x_real, logit, is_real, torch.zeros_like(x_real), torch.zeros_like(logit), ~is_real
+    )
+
+
+@torch.inference_mode()
+def init_generator(propose: IndependentProposal, log_ratio: LogRatio, noise: Noise) -> State:
+    """Start each row at a fresh generator sample."""
+    x = propose(noise)
+    logit = log_ratio(x).float()
+    is_real = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    return State(x, logit, is_real, x, logit, ~is_real)
+
+
+def build(propose: IndependentProposal, log_ratio: LogRatio) -> Kernel:
+    @torch.inference_mode()
+    def step(state: State, noise: Noise) -> tuple[State, Info]:
+        x_new = propose(noise)
+        logit_new = log_ratio(x_new).float()
+        info = accept(logit_new - state.logit, noise)
+        # The first proposal of a real-started chain is kept as its restart point.
+        first = ~state.has_first
+        moved = info.is_accepted
+        return State(
+            where_rows(moved, x_new, state.x),
+            torch.where(moved, logit_new, state.logit),
+            state.is_real & ~moved,
+            where_rows(first, x_new, state.first_x),
+            torch.where(first, logit_new, state.first_logit),
+            torch.ones_like(state.has_first),
+        ), info
+
+    return Kernel(step=step, output=output, restart=restart)
+
+
+def output(state: State) -> torch.Tensor:
+    """Current samples; rows still at their real start give their first proposal."""
+    return where_rows(state.is_real, state.first_x, state.x)
+
+
+def restart(state: State) -> tuple[State, torch.Tensor]:
+    """Rows that never moved continue from their first proposal (MH-GAN's restart)."""
+    stuck = state.is_real
+    return State(
+        where_rows(stuck, state.first_x, state.x),
+        torch.where(stuck, state.first_logit, state.logit),
+        torch.zeros_like(stuck),
+        state.first_x,
+        state.first_logit,
+        state.has_first,
+    ), stuck
