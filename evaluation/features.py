@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
@@ -104,11 +105,16 @@ class ModuleFeatures:
             if hook is not None:
                 hook.remove()
         output = captured[0] if captured else output
-        features = output.reshape(output.shape[0], -1).float()  # (n, F)
+        features = _flatten_rows(output)  # (n, F)
         assert features.shape[1] == self.feature_dim, (
             f"extractor gave {features.shape[1]} features, manifest says {self.feature_dim}"
         )
         return features
+
+
+def _flatten_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, ...) -> (N, prod(...)) float32, also for N = 0 (where reshape(N, -1) fails)."""
+    return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:])).float()
 
 
 class FlattenFeatures:
@@ -119,7 +125,7 @@ class FlattenFeatures:
 
     def __call__(self, samples: Any) -> torch.Tensor:
         samples = torch.as_tensor(samples)
-        features = samples.reshape(samples.shape[0], -1).float()  # (N, F)
+        features = _flatten_rows(samples)  # (N, F)
         if features.shape[1] != self.feature_dim:
             raise ValueError(
                 f"samples flatten to {features.shape[1]} features, not {self.feature_dim}"
@@ -153,7 +159,7 @@ class InceptionFeatures:
                 maps = self.network(chunk)[0]  # (n, dims, h, w)
                 if maps.shape[2:] != (1, 1):
                     maps = nn.functional.adaptive_avg_pool2d(maps, output_size=(1, 1))
-                chunks.append(maps.reshape(maps.shape[0], -1).float())  # (n, dims)
+                chunks.append(_flatten_rows(maps))  # (n, dims)
         return torch.cat(chunks) if chunks else torch.empty(0, self.feature_dim, device=device)
 
 

@@ -167,11 +167,13 @@ def load_stats(path: str | os.PathLike[str] | IO[bytes]) -> tuple[np.ndarray, np
 
     Files come from users: nothing is unpickled (object arrays are refused), and a file
     that is not an .npz archive, lacks "mu" or "sigma", or holds statistics of the wrong
-    shape raises ValueError naming the problem. Extra keys are ignored, as pytorch-fid
-    does.
+    shape raises ValueError naming the problem (a missing file raises
+    FileNotFoundError). Extra keys are ignored, as pytorch-fid does.
     """
     try:
         archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"not a readable .npz statistics file: {error}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
