@@ -89,9 +89,8 @@ def accept(log_ratio: torch.Tensor, noise: Noise) -> Info:
     """
     log_ratio = log_ratio.float()
     log_u = noise.uniform().clamp_min(torch.finfo(torch.float32).tiny).log()
-    finite = ~torch.isnan(log_ratio)
-    is_accepted = finite & (log_u < log_ratio)
-    probability = torch.where(finite, log_ratio.clamp(max=0.0).exp(), torch.zeros_like(log_ratio))
+    is_accepted = log_u < log_ratio  # False for NaN: comparisons with NaN are false
+    probability = log_ratio.clamp(max=0.0).exp().nan_to_num(nan=0.0)
     return Info(is_accepted, log_ratio, probability)
 
 

@@ -64,12 +64,16 @@ def build(propose: IndependentProposal, log_ratio: LogRatio) -> Kernel:
         x_new = propose(noise)
         logit_new = log_ratio(x_new).float()
         info = accept(logit_new - state.logit, noise)
+        moved = info.is_accepted
+        x = where_rows(moved, x_new, state.x)
+        logit = torch.where(moved, logit_new, state.logit)
+        if bool(state.has_first.all()):  # generator starts, or after the first step
+            return State(x, logit, state.is_real & ~moved, *state[3:]), info
         # The first proposal of a real-started chain is kept as its restart point.
         first = ~state.has_first
-        moved = info.is_accepted
         return State(
-            where_rows(moved, x_new, state.x),
-            torch.where(moved, logit_new, state.logit),
+            x,
+            logit,
             state.is_real & ~moved,
             where_rows(first, x_new, state.first_x),
             torch.where(first, logit_new, state.first_logit),
