@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from discriminators.architectures import MLPDiscriminator, PairDiscriminator
+from discriminators.calibration import fit_and_report
 from discriminators.training import train_discriminator, train_pair_discriminator
 
 REAL_MEAN, REAL_STD = 1.0, 0.8
@@ -42,29 +43,62 @@ def logits_on(module: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         return module(*(x.to(device) for x in inputs)).cpu()
 
 
-def trained_logit_and_true_log_ratio(loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    discriminator = MLPDiscriminator(input_dim=1, width=64, depth=2)
-    train_discriminator(
-        discriminator, sample_generator, sample_real(20_000, seed=1), loss=loss, steps=600, lr=3e-3
-    )
+@pytest.fixture(scope="module")
+def trained() -> dict[str, torch.nn.Module]:
+    """One discriminator per loss, trained once for the tests of this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped fixtures run outside the per-test one
+    discriminators = {}
+    for loss in ("bce", "implicit_mh"):
+        torch.manual_seed(0)
+        discriminators[loss] = MLPDiscriminator(input_dim=1, width=64, depth=2)
+        train_discriminator(
+            discriminators[loss],
+            sample_generator,
+            sample_real(20_000, seed=1),
+            loss=loss,
+            steps=600,
+            lr=3e-3,
+        )
+    torch.set_num_threads(threads)
+    return discriminators
+
+
+def generator_samples_and_true_log_ratio() -> tuple[torch.Tensor, torch.Tensor]:
     y = sample_generator(5_000, torch.Generator().manual_seed(2))
-    true_log_ratio = real_log_density(y) - generator_log_density(y)
-    return logits_on(discriminator, y), true_log_ratio
+    return y, real_log_density(y) - generator_log_density(y)
 
 
-def test_bce_logit_recovers_the_log_density_ratio_including_its_constant():
-    logit, true_log_ratio = trained_logit_and_true_log_ratio("bce")
+def test_bce_logit_recovers_the_log_density_ratio_including_its_constant(trained):
+    y, true_log_ratio = generator_samples_and_true_log_ratio()
+    logit = logits_on(trained["bce"], y)
     assert correlation(logit, true_log_ratio) > 0.95
     # The BCE optimum is log p/p_G itself, not up to a constant.
     assert abs((logit - true_log_ratio).mean().item()) < 0.3
 
 
-def test_implicit_mh_logit_recovers_the_log_density_ratio_up_to_a_constant():
-    logit, true_log_ratio = trained_logit_and_true_log_ratio("implicit_mh")
+def test_implicit_mh_logit_recovers_the_log_density_ratio_up_to_a_constant(trained):
+    y, true_log_ratio = generator_samples_and_true_log_ratio()
+    logit = logits_on(trained["implicit_mh"], y)
     assert correlation(logit, true_log_ratio) > 0.95
     residual = logit - true_log_ratio
     assert residual.std().item() < 0.3, "the residual should be (nearly) a constant"
+
+
+def test_calibrating_an_implicit_mh_discriminator_fixes_its_constant(trained):
+    # The implicit-MH loss cannot tell l from l + 2: both are optimal. Calibration must
+    # bring either back to log p/p_G.
+    def shifted_logits(x: torch.Tensor) -> torch.Tensor:
+        return logits_on(trained["implicit_mh"], x) + 2.0
+
+    held_out_real = shifted_logits(sample_real(4_000, seed=3))
+    fresh_fake = shifted_logits(sample_generator(4_000, torch.Generator().manual_seed(4)))
+    calibrators, report = fit_and_report(held_out_real, fresh_fake)
+    assert report["logistic"]["ece"] < 0.03 < report["none"]["ece"]
+    y, true_log_ratio = generator_samples_and_true_log_ratio()
+    assert (shifted_logits(y) - true_log_ratio).mean().item() > 1.5
+    calibrated = calibrators["logistic"](shifted_logits(y))
+    assert abs((calibrated - true_log_ratio).mean().item()) < 0.2
 
 
 def test_pair_discriminator_learns_the_log_mh_ratio_of_a_symmetric_proposal():
