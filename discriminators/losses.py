@@ -23,12 +23,10 @@ def implicit_mh_loss(logit_real: torch.Tensor, logit_fake: torch.Tensor) -> torc
     With d(x, y) = D(x)(1 - D(y)) the ratio is r = d(y, x) / d(x, y) = exp(l(y) - l(x)),
     and the loss is E[log r + r] over pairs of a real x and a generated y. Its minimiser
     satisfies l(y) - l(x) = log p(y)/p_G(y) - log p(x)/p_G(x): l is the log density ratio
-    up to an additive constant. The exponent is clamped for stability; the minimiser is
-    unchanged wherever the true log ratio difference stays below the clamp.
+    up to an additive constant.
     """
     assert logit_real.shape == logit_fake.shape, "pair real and fake rows one to one"
-    log_ratio = (logit_fake - logit_real).clamp(max=30.0)
-    return (log_ratio + log_ratio.exp()).mean()
+    return _log_r_plus_r(logit_fake - logit_real)
 
 
 def implicit_mh_pair_loss(log_d_xy: torch.Tensor, log_d_yx: torch.Tensor) -> torch.Tensor:
@@ -37,5 +35,12 @@ def implicit_mh_pair_loss(log_d_xy: torch.Tensor, log_d_yx: torch.Tensor) -> tor
     r = d(y, x) / d(x, y); loss E[log r + r]. Its minimiser is the exact MH ratio
     r = p(y) q(x | y) / (p(x) q(y | x)).
     """
-    log_ratio = log_d_yx - log_d_xy
-    return (log_ratio + log_ratio.exp()).mean()
+    return _log_r_plus_r(log_d_yx - log_d_xy)
+
+
+def _log_r_plus_r(log_ratio: torch.Tensor, limit: float = 30.0) -> torch.Tensor:
+    """mean(log r + r), with exp continued linearly above `limit` so that it cannot
+    overflow and pairs far beyond it still get a (large, finite) gradient."""
+    capped = log_ratio.clamp(max=limit)
+    ratio = capped.exp() * (1.0 + (log_ratio - capped))
+    return (log_ratio + ratio).mean()
