@@ -9,11 +9,12 @@ needs one factorisation and one symmetric eigenvalue solve instead of the
 non-symmetric Schur decomposition behind scipy.linalg.sqrtm (pytorch-fid's way), is
 exact up to rounding, and never produces an imaginary part.
 
-The factor A is the Cholesky factor when S1 is positive definite (cheapest) and
-V sqrt(max(w, 0)) from the eigendecomposition S1 = V diag(w) V^T otherwise, which
-handles singular covariances (fewer samples than features) without NaN. numpy's
-LAPACK was the fastest float64 backend measured here (torch.linalg.eigvalsh was
-15x slower at 2048 dimensions); benchmarks/frechet.py compares with sqrtm.
+The factor A is the Cholesky factor L when S1 is positive definite; then L^T S2 L comes
+from LAPACK's sygst, which uses the symmetry and the triangle (half the work of two
+matrix products). Otherwise A = V sqrt(max(w, 0)) from the eigendecomposition
+S1 = V diag(w) V^T, which handles singular covariances (fewer samples than features)
+without NaN. numpy/scipy LAPACK is the backend: torch.linalg in float64 was several
+times slower here. benchmarks/frechet.py measures both against sqrtm.
 
 Example:
     >>> import numpy as np
@@ -23,9 +24,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from scipy.linalg import lapack
 
 # Relative asymmetry a covariance may carry from float32 rounding before it is refused.
 SYMMETRY_RTOL = 1e-4
@@ -46,6 +48,7 @@ def as_float64(array: Any, name: str) -> np.ndarray:
 def check_stats(mu: Any, sigma: Any, name: str = "stats") -> tuple[np.ndarray, np.ndarray]:
     """Validate a (mean, covariance) pair and return it as float64 numpy arrays.
 
+    The returned sigma is exactly symmetric (the input averaged with its transpose).
     Raises ValueError when mu is not 1-D, sigma is not square with the same dimension,
     either holds NaN or infinity, or sigma is not symmetric.
     """
@@ -60,31 +63,43 @@ def check_stats(mu: Any, sigma: Any, name: str = "stats") -> tuple[np.ndarray, n
         )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{name} mu and sigma must be finite")
-    scale = float(np.abs(sigma).max())
-    if scale > 0 and float(np.abs(sigma - sigma.T).max()) > SYMMETRY_RTOL * scale:
+    asymmetry = sigma - sigma.T  # the one strided pass over sigma; the rest is contiguous
+    if float(np.abs(asymmetry).max()) > SYMMETRY_RTOL * float(np.abs(sigma).max()):
         raise ValueError(f"{name} sigma must be symmetric")
-    return mu, sigma
+    return mu, sigma - asymmetry / 2  # exactly symmetric from here on
 
 
-def covariance_factor(sigma: np.ndarray) -> np.ndarray:
-    """A with A A^T = sigma (float64, (F, F)); sigma symmetric positive semi-definite.
+class CovarianceFactor(NamedTuple):
+    """A with A A^T = S; lower_triangular when A is S's Cholesky factor."""
+
+    matrix: np.ndarray  # (F, F) float64
+    lower_triangular: bool
+
+
+def covariance_factor(sigma: np.ndarray) -> CovarianceFactor:
+    """A factor of a symmetric positive semi-definite float64 sigma (F, F).
 
     Cholesky when sigma is numerically positive definite, otherwise the eigenvector
     factor with negative eigenvalues (rounding noise of a singular matrix) set to 0.
     """
-    sigma = (sigma + sigma.T) / 2
     try:
-        return np.linalg.cholesky(sigma)
+        return CovarianceFactor(np.linalg.cholesky(sigma), lower_triangular=True)
     except np.linalg.LinAlgError:
         eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-        return eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))
+        factor = eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))
+        return CovarianceFactor(factor, lower_triangular=False)
 
 
-def trace_sqrt_product(factor: np.ndarray, sigma: np.ndarray) -> float:
-    """Tr((S1 S2)^(1/2)) given a factor A of S1 (A A^T = S1) and S2 = sigma."""
-    inner = factor.T @ ((sigma + sigma.T) / 2) @ factor  # (F, F), = A^T S2 A
-    inner = (inner + inner.T) / 2  # drop the rounding asymmetry eigvalsh would ignore
-    eigenvalues = np.linalg.eigvalsh(inner)
+def trace_sqrt_product(factor: CovarianceFactor, sigma: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) given a factor of S1 and S2 = sigma (symmetric, float64)."""
+    if factor.lower_triangular:
+        # sygst itype=3 overwrites the lower triangle with L^T S2 L; eigvalsh reads only it.
+        inner, info = lapack.dsygst(sigma, factor.matrix, itype=3, lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"LAPACK dsygst failed with info={info}")
+    else:
+        inner = factor.matrix.T @ sigma @ factor.matrix  # (F, F), = A^T S2 A
+    eigenvalues = np.linalg.eigvalsh(inner, UPLO="L")
     return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
 
 

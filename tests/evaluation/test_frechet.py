@@ -4,6 +4,7 @@ import scipy.linalg
 import torch
 
 from evaluation.frechet import (
+    CovarianceFactor,
     FrechetReference,
     covariance_factor,
     frechet_distance,
@@ -86,10 +87,15 @@ def test_frechet_with_fewer_samples_than_features_is_finite_and_continuous():
 def test_cholesky_and_eigen_factors_give_the_same_trace():
     rng = np.random.default_rng(7)
     sigma1, sigma2 = random_spd(rng, 30), random_spd(rng, 30)
+    cholesky = covariance_factor(sigma1)
+    assert cholesky.lower_triangular
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
-    eigen_factor = eigenvectors * np.sqrt(eigenvalues)
-    cholesky = trace_sqrt_product(covariance_factor(sigma1), sigma2)
-    assert trace_sqrt_product(eigen_factor, sigma2) == pytest.approx(cholesky, rel=1e-12)
+    eigen = CovarianceFactor(eigenvectors * np.sqrt(eigenvalues), lower_triangular=False)
+    expected = np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2)).real
+    assert trace_sqrt_product(cholesky, sigma2) == pytest.approx(expected, rel=1e-10)
+    assert trace_sqrt_product(eigen, sigma2) == pytest.approx(expected, rel=1e-10)
+    singular = np.diag([1.0, 0.0, 2.0])
+    assert not covariance_factor(singular).lower_triangular
 
 
 def test_frechet_accepts_torch_tensors_of_any_float_dtype():
