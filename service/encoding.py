@@ -1,0 +1,47 @@
+"""Sample encodings: JSON, .npy bytes, a PNG grid for image models. CPU work: callers run
+these off the event loop for large batches."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def json_bytes(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def samples_json(samples: torch.Tensor, stats: dict[str, Any]) -> bytes:
+    """{"samples": [...], "stats": {...}}; float32 values print exactly (via float64)."""
+    return json_bytes({"samples": samples.double().tolist(), "stats": stats})
+
+
+def npy_bytes(samples: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, samples.numpy(), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def png_bytes(samples: torch.Tensor, value_range: tuple[float, float] | None) -> bytes:
+    """A near-square grid of (N, C, H, W) images (C = 1 or 3), one pixel gap."""
+    images = samples.float()
+    low, high = value_range or (float(images.min()), float(images.max()))
+    images = ((images - low) / max(high - low, 1e-12)).clamp(0, 1)
+    count, channels, height, width = images.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = torch.ones(channels, rows * (height + 1) + 1, columns * (width + 1) + 1)
+    for index in range(count):
+        top, left = 1 + (index // columns) * (height + 1), 1 + (index % columns) * (width + 1)
+        grid[:, top : top + height, left : left + width] = images[index]
+    pixels = (grid * 255).round().byte().permute(1, 2, 0).numpy()  # (H, W, C)
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

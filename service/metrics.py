@@ -1,0 +1,99 @@
+"""Prometheus metrics: one prefix (`imh_`), base units, `_total` counters.
+
+Labels are bounded: `model` (the generator's name) and `method`, plus the route template
+and status code on HTTP metrics. Never request ids, seeds or versions.
+
+Each app gets its own CollectorRegistry, so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+ROW_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+SAMPLE_LABELS = ("model", "method")
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "imh_http_requests_total", "HTTP requests answered", ("route", "status"), registry=r
+        )
+        self.http_duration = Histogram(
+            "imh_http_request_duration_seconds",
+            "Time to answer (streams: to the last byte)",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sample_requests = Counter(
+            "imh_sample_requests_total",
+            "Sampling requests by outcome",
+            (*SAMPLE_LABELS, "outcome"),
+            registry=r,
+        )
+        self.sample_duration = Histogram(
+            "imh_sample_duration_seconds",
+            "Sampling request time from submission to done",
+            SAMPLE_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_sample = Histogram(
+            "imh_time_to_first_sample_seconds",
+            "Stream time from submission to first sample",
+            SAMPLE_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "imh_batch_rows",
+            "Rows (chains) stepped together in one kernel step",
+            SAMPLE_LABELS,
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "imh_step_duration_seconds",
+            "Time of one batched kernel step",
+            SAMPLE_LABELS,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.proposals = Counter(
+            "imh_proposals_total", "Proposals evaluated", SAMPLE_LABELS, registry=r
+        )
+        self.accepted = Counter(
+            "imh_accepted_total", "Proposals accepted", SAMPLE_LABELS, registry=r
+        )
+        self.queued_rows = Gauge(
+            "imh_queued_rows",
+            "Rows waiting to join a batch (queue depth)",
+            SAMPLE_LABELS,
+            registry=r,
+        )
+        self.active_chains = Gauge(
+            "imh_active_chains", "Chains held by running requests", SAMPLE_LABELS, registry=r
+        )
+        self.running_fid = Gauge(
+            "imh_running_fid",
+            "Latest running FID of a stream against the model's reference",
+            SAMPLE_LABELS,
+            registry=r,
+        )
+        self.models_loaded = Gauge(
+            "imh_models_loaded", "Models in the registry", ("kind",), registry=r
+        )
+        self.model_load_errors = Gauge(
+            "imh_model_load_errors", "Model folders skipped at start", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,110 @@
+"""POST /v1/sample (one answer) and POST /v1/sample/stream (SSE or NDJSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
+from service import encoding
+from service.deps import SamplingDep
+from service.schemas import SampleCreate, SamplePublic
+
+router = APIRouter(prefix="/v1", tags=["sample"])
+NDJSON = "application/x-ndjson"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "unknown generator or discriminator"},
+    422: {"description": "a field is out of range, of the wrong type, or unknown"},
+    503: {"description": "the scheduler queue is full or models are loading (Retry-After)"},
+}
+
+
+@router.post(
+    "/sample",
+    response_model=SamplePublic,
+    summary="Draw n samples with a post-processing method",
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"application/x-npy": {}, "image/png": {}},
+            "description": "JSON by default; format npy gives np.save bytes (stats in the "
+            "X-IMH-Stats header), png an image grid for image models",
+        },
+    },
+)
+async def sample(body: SampleCreate, service: SamplingDep) -> Response:
+    resolved = await service.resolve(body, stream=False)
+    samples, stats = await service.sample(resolved)
+    if body.format == "json":
+        content = await run_in_threadpool(encoding.samples_json, samples, stats)
+        return Response(content, media_type="application/json")
+    headers = {"X-IMH-Stats": json.dumps(stats)}
+    if body.format == "npy":
+        content = await run_in_threadpool(encoding.npy_bytes, samples)
+        return Response(content, media_type="application/x-npy", headers=headers)
+    value_range = resolved.generator.manifest.value_range
+    content = await run_in_threadpool(encoding.png_bytes, samples, value_range)
+    return Response(content, media_type="image/png", headers=headers)
+
+
+class EventStreamResponse(StreamingResponse):
+    """Closes its event source however the response ends, so a client that leaves
+    frees its chains at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+@router.post(
+    "/sample/stream",
+    summary="Stream newly accepted samples, live metrics and final stats",
+    response_class=EventStreamResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"text/event-stream": {}, NDJSON: {}},
+            "description": "server-sent events `samples`, `metrics`, `done` (and `error`); "
+            "one JSON object per line with an `event` field for Accept: application/x-ndjson",
+        },
+    },
+)
+async def sample_stream(
+    body: SampleCreate, service: SamplingDep, accept: Annotated[str | None, Header()] = None
+) -> EventStreamResponse:
+    resolved = await service.resolve(body, stream=True)
+    events = service.events(resolved)
+    ndjson = NDJSON in (accept or "")
+    body_iterator = _ndjson(events) if ndjson else _sse(events)
+    return EventStreamResponse(
+        body_iterator,
+        media_type=NDJSON if ndjson else "text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        index = 0
+        async for name, data in events:
+            index += 1
+            yield (
+                f"id: {index}\nevent: {name}\ndata: ".encode() + encoding.json_bytes(data) + b"\n\n"
+            )
+    finally:
+        await events.aclose()
+
+
+async def _ndjson(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for name, data in events:
+            yield encoding.json_bytes({"event": name, **data}) + b"\n"
+    finally:
+        await events.aclose()
