@@ -119,6 +119,16 @@ def test_frechet_reference_reuses_its_factor_and_agrees():
         assert reference.distance(mu2, sigma2) == pytest.approx(expected, rel=1e-8)
 
 
+def test_frechet_accepts_rounding_asymmetry_in_covariances():
+    rng = np.random.default_rng(10)
+    sigma1, sigma2 = random_spd(rng, 16), random_spd(rng, 16)
+    noisy = sigma2 + 1e-7 * np.triu(rng.standard_normal((16, 16)), 1)  # float32-like noise
+    expected = frechet_distance(np.zeros(16), sigma1, np.zeros(16), sigma2)
+    assert frechet_distance(np.zeros(16), sigma1, np.zeros(16), noisy) == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
 @pytest.mark.parametrize(
     "mu2, sigma2, message",
     [
