@@ -41,6 +41,9 @@ from classifiers.common import Prediction, deterministic, summarize
 
 MAX_SAMPLES = 1024  # K per input; the virtual batch grows linearly with it
 MAX_ROWS_PER_PASS = 16384  # inputs are chunked so that N*K rows per forward stay below this
+# On CPU a smaller virtual batch stays in cache: the digits04 net predicted 256 inputs at
+# K=32 about 1.3x faster in passes of 1024 rows than in one pass of 8192.
+CPU_ROWS_PER_PASS = 1024
 SBN_BUFFERS = (
     "batch_mean_avg",
     "batch_mean_sq_avg",
@@ -94,10 +97,10 @@ class _StochasticBatchNormMixin:
         self, x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor
     ) -> torch.Tensor:
         """(x - mean) * inv_std, then BN's scale and shift; statistics (C,) or (rows, C)."""
-        out = (x - self._broadcast(mean, x)) * self._broadcast(inv_std, x)
-        if self.affine:
-            out = out * self._broadcast(self.weight, x) + self._broadcast(self.bias, x)
-        return out
+        scale = inv_std * self.weight if self.affine else inv_std
+        shift = -mean * scale + (self.bias if self.affine else 0.0)
+        # one fused pass over x: shift + x * scale
+        return torch.addcmul(self._broadcast(shift, x), x, self._broadcast(scale, x))
 
     def _batch_statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values_per_channel = x.numel() // max(x.shape[1], 1)
@@ -329,7 +332,10 @@ def predict(
     if any(int(layer.batches_fitted) == 0 for layer in layers):
         raise ValueError("SBN statistics are not fitted: call fit_statistics first")
     device = _model_device(model)
-    inputs_per_pass = max(1, MAX_ROWS_PER_PASS // samples)
+    rows_per_pass = MAX_ROWS_PER_PASS
+    if device.type == "cpu":
+        rows_per_pass = min(rows_per_pass, CPU_ROWS_PER_PASS)
+    inputs_per_pass = max(1, rows_per_pass // samples)
     sample_probs = []
     with _sbn_pass(model, _Mode("sample", generator=generator)):
         for chunk in x.to(device).split(inputs_per_pass):

@@ -235,7 +235,11 @@ def test_predict_leaves_the_model_in_its_mode_and_chunks_large_virtual_batches(m
     whole = sbn.predict(model, inputs(6), 4, torch.Generator().manual_seed(0))
     assert model.training
     monkeypatch.setattr(sbn, "MAX_ROWS_PER_PASS", 8)  # two inputs per pass
+    monkeypatch.setattr(sbn, "CPU_ROWS_PER_PASS", 8)
+    passes: list[int] = []
+    model.register_forward_hook(lambda _m, args, _o: passes.append(len(args[0])))
     chunked = sbn.predict(model, inputs(6), 4, torch.Generator().manual_seed(0))
+    assert passes == [8, 8, 8]
     assert chunked.probs.shape == whole.probs.shape
     torch.testing.assert_close(chunked.probs.sum(-1), torch.ones(6))
 
