@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -96,6 +100,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, sample.router):
         app.include_router(router)
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        # The default handler echoes the input, and JSON has no NaN: print those as text.
+        return JSONResponse({"detail": _finite(jsonable_encoder(error.errors()))}, 422)
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
         code = next(code for kind, code in STATUS_BY_ERROR if isinstance(error, kind))
@@ -106,6 +115,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": error.message}, code, headers=headers)
 
     return app
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 async def _load_models(state: AppState) -> None:

@@ -44,15 +44,20 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def settings_from(args: argparse.Namespace):
+    """Settings with the given flags over IMH_* variables; raises pydantic.ValidationError."""
+    from service.settings import Settings  # imports torch: keep --help fast
+
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    return Settings(**overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Defence in depth: nothing in this process may fall back to unrestricted unpickling.
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    from service.settings import Settings  # imports torch: keep --help fast
-
-    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
     try:
-        settings = Settings(**overrides)
+        settings = settings_from(args)
     except ValidationError as error:
         for problem in error.errors():
             where = ".".join(str(part) for part in problem["loc"]) or "settings"

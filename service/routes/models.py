@@ -111,7 +111,7 @@ async def upload_model(request: Request, state: StateDep, _admin: AdminDep) -> M
         form = await request.form(max_files=MAX_FILES + 1, max_fields=8)
     except Exception as error:  # noqa: BLE001 - any parse failure is the client's
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"not a multipart form: {error}") from None
-    async with form:
+    try:
         name = _text(form.get("name"), "name")
         version = form.get("version")
         replace = str(form.get("replace") or "false").lower() in ("1", "true", "yes")
@@ -134,6 +134,8 @@ async def upload_model(request: Request, state: StateDep, _admin: AdminDep) -> M
                 files,
                 replace,
             )
+    finally:
+        await form.close()
     return public(model, state.registry)
 
 

@@ -90,9 +90,9 @@ def active_chains(engine: Engine) -> float:
 
 def test_rows_of_concurrent_requests_share_a_batch_up_to_max_batch_size():
     async def main():
-        engine, plan = make_engine(max_batch_size=16, batch_wait_s=5.0), ToyPlan()
+        engine, plan = make_engine(max_batch_size=16, batch_wait_s=0.5), ToyPlan()
         try:
-            # Ray's rule: the group waits (here up to 5 s) for more rows after the first
+            # Ray's rule: the group waits (here up to 0.5 s) for more rows after the first
             # job, but starts as soon as the batch is full: 8 + 8 rows fill it at once.
             no_restarts = {"init": "generator"}
             jobs = [submit(engine, plan, spec(s, 8, 3, options=no_restarts))[0] for s in range(3)]

@@ -23,6 +23,13 @@ def sse_events(response: httpx.Response):
             event, data = None, []
 
 
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
 def test_sse_streams_samples_then_metrics_and_done(client):
     body = {"generator": "toy", "method": "imh", "n": 30, "steps": 200, "seed": 0,
             "params": {"chains": 4, "init": "generator"}}  # fmt: skip
@@ -74,12 +81,8 @@ def test_a_client_that_disconnects_frees_its_chains(client, server):
     with httpx.Client(base_url=server.url, timeout=30) as own:
         with own.stream("POST", "/v1/sample/stream", json=body) as response:
             assert response.status_code == 200, response.read()
-            next(sse_events(response))  # chains are running
-            assert metric(client, "imh_active_chains", **labels) == 32
-    deadline = time.monotonic() + 30
-    while metric(client, "imh_active_chains", **labels) != 0:
-        assert time.monotonic() < deadline, "the chains of a gone client were not freed"
-        time.sleep(0.05)
+            wait_until(lambda: metric(client, "imh_active_chains", **labels) == 32)
+    wait_until(lambda: metric(client, "imh_active_chains", **labels) == 0)
     assert metric(client, "imh_sample_requests_total", outcome="cancelled", **labels) == 1
     assert metric(client, "imh_sample_requests_total", outcome="ok", **labels) == finished
     assert client.get("/healthz").status_code == 200

@@ -1,0 +1,34 @@
+"""Settings: IMH_* variables, CLI flags over them, unsafe admin tokens refused."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.cli import parser, settings_from
+from service.settings import Settings
+
+
+def test_environment_variables_configure_and_flags_override(monkeypatch):
+    monkeypatch.setenv("IMH_PORT", "9001")
+    monkeypatch.setenv("IMH_MAX_BATCH_SIZE", "128")
+    monkeypatch.setenv("IMH_ZOO", "0")
+    assert Settings().port == 9001 and Settings().max_batch_size == 128 and not Settings().zoo
+    settings = settings_from(parser().parse_args(["serve", "--port", "9100", "--zoo"]))
+    assert settings.port == 9100 and settings.zoo and settings.max_batch_size == 128
+
+
+def test_short_admin_tokens_are_refused_outside_development():
+    with pytest.raises(ValidationError, match="at least 16"):
+        Settings(admin_token="short")
+    assert (
+        Settings(admin_token="short", env="development").admin_token.get_secret_value() == "short"
+    )
+    assert Settings(admin_token="").admin_token is None
+
+
+def test_inconsistent_limits_are_refused():
+    with pytest.raises(ValidationError, match="IMH_MAX_QUEUED_ROWS"):
+        Settings(max_n=100, max_queued_rows=10)
+    with pytest.raises(ValidationError):
+        Settings(max_batch_size=0)
