@@ -156,8 +156,8 @@ class FrechetReference:
     """Fixed reference statistics whose covariance factor is computed once.
 
     A running FID against one reference (the service streams samples and reports FID
-    as they arrive) then costs two matrix products and one symmetric eigenvalue solve
-    per evaluation, instead of also factoring the reference every time.
+    as they arrive) then costs one L^T S L product and one symmetric eigenvalue solve
+    per evaluation, instead of also validating and factoring the reference every time.
 
     Example:
         >>> import numpy as np
