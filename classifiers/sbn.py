@@ -236,8 +236,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def _sbn_pass(model: nn.Module, mode: _Mode | None) -> Iterator[None]:
-    """SBN layers in `mode`, every other layer in eval mode (dropout off), no autograd."""
-    was_training = model.training
+    """SBN layers in `mode`, every other layer in eval mode (dropout off), no autograd.
+
+    Each module's own train/eval flag is put back afterwards.
+    """
+    flags = [(module, module.training) for module in model.modules()]
     token = _MODE.set(mode)
     model.eval()
     try:
@@ -245,7 +248,8 @@ def _sbn_pass(model: nn.Module, mode: _Mode | None) -> Iterator[None]:
             yield
     finally:
         _MODE.reset(token)
-        model.train(was_training)
+        for module, training in flags:
+            module.training = training
 
 
 def fit_statistics(
@@ -322,7 +326,8 @@ def predict(
     """SBN prediction: each input repeated `samples` (K) times, statistics drawn per row.
 
     Returns averaged softmax, its entropy and mutual information (classifiers.common).
-    Same generator seed, same answer (for the same x). The model must be converted and
+    Same generator seed, same answer (for the same x); generator None draws from torch's
+    global generator. The model must be converted and
     fitted. Raises ValueError for a bad x (shape, NaN/inf), K outside [1, MAX_SAMPLES], or
     an unfitted model. Tensors come back on the model's device.
     """
