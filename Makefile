@@ -39,6 +39,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.quality
 	$(PY) -m benchmarks.kernels
+	$(PY) -m benchmarks.sbn
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
