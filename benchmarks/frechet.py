@@ -156,7 +156,9 @@ definite (L^T S2 L by LAPACK sygst), with the eigh factor otherwise (two matrix
 products). numpy/scipy LAPACK is the backend; the torch.linalg row is the eigh-factor
 algorithm in torch, kept to show why it was not chosen. FrechetReference keeps the
 reference's factor, which is what a running FID against fixed reference statistics
-pays per update.
+pays per update. Wall times depend on what else the 2 cores run: across repeated runs
+while other jobs were busy, the speed-ups moved by about 20% either way; the CPU
+columns move less.
 """
     print(markdown)
     if not args.no_write:
