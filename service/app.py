@@ -57,6 +57,8 @@ STATUS_BY_ERROR: list[tuple[type[ServiceError], int]] = [
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)  # process-wide, like the setting
     metrics = Metrics()
     device = torch.device(settings.device)
     registry = Registry(device)

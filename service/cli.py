@@ -23,6 +23,7 @@ FLAGS = {  # flag -> Settings field; type comes from the field
     "--device": "device",
     "--max-batch-size": "max_batch_size",
     "--batch-wait-ms": "batch_wait_ms",
+    "--torch-threads": "torch_threads",
     "--max-queued-rows": "max_queued_rows",
     "--log-level": "log_level",
 }

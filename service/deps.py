@@ -29,14 +29,16 @@ class AppState:
     tasks: set = field(default_factory=set)
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies are `async def`: FastAPI runs plain `def` ones in a thread pool, a hop
+# per request that costs more than the check itself.
+async def get_state(request: Request) -> AppState:
     return request.app.state.imh
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_sampling(state: StateDep) -> SamplingService:
+async def get_sampling(state: StateDep) -> SamplingService:
     if not state.ready:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -49,7 +51,9 @@ def get_sampling(state: StateDep) -> SamplingService:
 SamplingDep = Annotated[SamplingService, Depends(get_sampling)]
 
 
-def require_admin(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(
+    state: StateDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
     """`Authorization: Bearer $IMH_ADMIN_TOKEN`; without a configured token, refuse all."""
     token = state.settings.admin_token
     if token is None:

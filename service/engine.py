@@ -256,11 +256,10 @@ class Group:
         self._batch: _Batch | None = None
         self._kernel: Kernel | None = None
         while (newcomers := self._admit(active)) is not None:
-            for job in newcomers:
-                if plan_error is not None:
-                    self._fail([job], plan_error)
-                else:
-                    self._start(plan, job, active)
+            if plan_error is not None:
+                self._fail(newcomers, plan_error)
+            else:
+                self._start(plan, newcomers, active)
             with self._cond:
                 active[:] = [job for job in active if not job.cancelled and job.state is not None]
                 runnable = [job for job in active if job.buffered < self.config.buffer_events]
@@ -312,21 +311,38 @@ class Group:
             self._m["queued_rows"].set(self._pending_rows)
             return taken
 
-    def _start(self, plan: Plan, job: Job, active: list[Job]) -> None:
-        spec = job.spec
-        try:
-            kernel, job.state = plan.start(
-                spec, Noise(spec.generators, spec.block_rows, self.config.device)
-            )
+    def _start(self, plan: Plan, jobs: list[Job], active: list[Job]) -> None:
+        """Initialise newcomers; jobs with equal options start in one batched call."""
+        by_options: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_options.setdefault(repr(sorted(job.spec.options.items())), []).append(job)
+        for batch in by_options.values():
+            try:
+                kernel, state = plan.start(batch[0].spec, self._noise(batch))
+                parts = split(state, [job.rows for job in batch])
+            except Exception as error:  # noqa: BLE001 - retry alone: only the culprit fails
+                if len(batch) > 1:
+                    for job in batch:
+                        self._start(plan, [job], active)
+                else:
+                    self._fail(batch, error)
+                continue
             self._kernel = self._kernel or kernel
-        except Exception as error:  # noqa: BLE001 - only this job is affected
-            self._fail([job], error)
-            return
-        if spec.steps == 0:  # method "none" in final mode: the first proposals are the samples
-            job.proposals = job.accepted = job.rows
-            _settle(job, job.outcome(kernel.output(job.state).cpu()), None)
-            return
-        active.append(job)
+            for job, part in zip(batch, parts, strict=True):
+                job.state = part
+                if job.spec.steps > 0:
+                    active.append(job)
+                else:  # method "none", final mode: the first proposals are the samples
+                    job.proposals = job.accepted = job.rows
+                    _settle(job, job.outcome(kernel.output(part).cpu()), None)
+
+    def _noise(self, jobs: list[Job]) -> Noise:
+        """One Noise over the jobs' rows in order: each block keeps its own generator."""
+        return Noise(
+            [g for job in jobs for g in job.spec.generators],
+            [n for job in jobs for n in job.block_rows],
+            self.config.device,
+        )
 
     def _step(self, plan: Plan, runnable: list[Job]) -> None:
         batch = self._batch
@@ -370,11 +386,7 @@ class Group:
 
     def _build(self, jobs: list[Job]) -> _Batch:
         rows = [job.rows for job in jobs]
-        noise = Noise(
-            [g for job in jobs for g in job.spec.generators],
-            [n for job in jobs for n in job.block_rows],
-            self.config.device,
-        )
+        noise = self._noise(jobs)
         owner = torch.repeat_interleave(
             torch.arange(len(jobs), device=self.config.device),
             torch.tensor(rows, device=self.config.device),

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
 
     # "cuda" when available, else "cpu"; any torch device string works.
     device: str = Field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    # Intra-op CPU threads for torch (None: torch's default, one per core). On a CPU
+    # shared with other work, 1 is often several times faster: idle intra-op threads
+    # spin while they wait for a core.
+    torch_threads: int | None = Field(None, ge=1)
 
     # Batching (Ray Serve's rule): a group's scheduler blocks for its first request, then
     # waits at most batch_wait_ms (counted from that request) for more rows, up to

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 
 from tests.service.toy_models import build_store
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def single_cpu_thread():
+    """In-process model work runs several times faster on one thread on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +37,7 @@ def server(imh_server, model_store):
             "IMH_MAX_QUEUED_ROWS": "8192",
             "IMH_METRICS_INTERVAL_S": "0.05",
             "IMH_STREAM_BUFFER_EVENTS": "4",
+            "IMH_TORCH_THREADS": "1",  # small models on a shared machine: one thread is fastest
         }
     )
 

@@ -1,0 +1,310 @@
+"""Serving overhead and batching gains, measured through HTTP against a real `imh serve`.
+
+Run:  .venv/bin/python -m benchmarks.serve          (a few minutes on 2 cores)
+      .venv/bin/python -m benchmarks.serve --quick  (smoke check, figures not written)
+
+(a) IMH proposals per second through HTTP (one POST /v1/sample of n = batch rows, K steps)
+    over the kernel's proposals per second in-process (the same models, `kernel.step` on
+    the same batch size), for the toy and the digits model pair.
+(b) 32 concurrent clients asking for 64 samples each versus one client asking for 2048
+    (aggregate proposals per second), and versus the same 32 clients against a second
+    server with IMH_MAX_BATCH_SIZE=64, where every request steps alone.
+(c) Time from sending POST /v1/sample/stream to the first `samples` event.
+
+Models: the zoo's "toy25" and "digits" generators with their default discriminators when
+they are in zoo/store; otherwise stand-ins of the same shape with random weights (speed
+does not depend on training), written to a temporary store. Every ratio comes from one
+run. Writes docs/BENCHMARKS.md, section "serve".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from torch import nn
+
+from benchmarks.report import machine, markdown_table, write_section
+from samplers import Noise
+from samplers.methods import prepare
+from service.methods import build_models, resolve
+from service.registry import ZOO_STORE, Registry
+from service.schemas import SampleCreate
+
+COMMAND = ".venv/bin/python -m benchmarks.serve"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class DigitsGenerator(nn.Module):
+    """A small DCGAN generator for 1x8x8 images (stand-in for the zoo's digits model)."""
+
+    def __init__(self, latent_dim: int = 16, width: int = 64):
+        super().__init__()
+        self.width = width
+        self.project = nn.Linear(latent_dim, width * 2 * 2)
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1),  # 2 -> 4
+            nn.ReLU(),
+            nn.ConvTranspose2d(width // 2, 1, 4, stride=2, padding=1),  # 4 -> 8
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z).reshape(z.shape[0], self.width, 2, 2))
+
+
+def stand_in_store(store: Path) -> dict[str, str]:
+    """Write the stand-ins the zoo lacks; returns {"toy": generator, "digits": generator}."""
+    from zoo.architectures import save_weights
+
+    names = {}
+    zoo = {p.name for p in ZOO_STORE.iterdir()} if ZOO_STORE.is_dir() else set()
+    if {"toy25", "toy25-d"} <= zoo:
+        names["toy"] = "toy25"
+    else:
+        from discriminators.architectures import MLPDiscriminator
+        from zoo.toy25 import Generator
+
+        _zoo_model(store, "bench-toy", Generator(2, 100, 4), "zoo.toy25:Generator",
+                   {"latent_dim": 2, "width": 100, "depth": 4},
+                   {"kind": "generator", "latent_dim": 2, "sample_shape": [2],
+                    "discriminator": "bench-toy-d"}, save_weights)  # fmt: skip
+        _zoo_model(store, "bench-toy-d", MLPDiscriminator(2, 100, 4),
+                   "discriminators.architectures:MLPDiscriminator",
+                   {"input_dim": 2, "width": 100, "depth": 4},
+                   {"kind": "discriminator", "generator": "bench-toy"}, save_weights)  # fmt: skip
+        names["toy"] = "bench-toy"
+    if {"digits", "digits-d"} <= zoo:
+        names["digits"] = "digits"
+    else:
+        from discriminators.architectures import ConvDiscriminator
+
+        folder = store / "bench-digits" / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        program = torch.export.export(
+            DigitsGenerator().eval(), (torch.randn(4, 16),),
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )  # fmt: skip
+        torch.export.save(program, str(folder / "generator.pt2"))
+        (folder / "manifest.json").write_text(json.dumps({
+            "kind": "generator", "format": "torch.export", "file": "generator.pt2",
+            "latent_dim": 16, "sample_shape": [1, 8, 8], "discriminator": "bench-digits-d",
+        }))  # fmt: skip
+        _zoo_model(store, "bench-digits-d", ConvDiscriminator(1, 8, 64),
+                   "discriminators.architectures:ConvDiscriminator",
+                   {"channels": 1, "size": 8, "width": 64},
+                   {"kind": "discriminator", "generator": "bench-digits"},
+                   save_weights)  # fmt: skip
+        names["digits"] = "bench-digits"
+    return names
+
+
+def _zoo_model(store, name, module, architecture, config, manifest, save_weights) -> None:
+    folder = store / name / "1"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(module, folder / "weights.safetensors")
+    manifest = {"format": "zoo", "architecture": architecture, "config": config,
+                "weights": "weights.safetensors", **manifest}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+class Server:
+    """`imh serve` on a free port, stopped on exit."""
+
+    def __init__(self, store: Path, **settings: str):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "IMH_MODEL_STORE": str(store), "IMH_LOG_LEVEL": "warning",
+               **{f"IMH_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None, "imh serve exited"
+            assert time.monotonic() < deadline, "imh serve not ready"
+            time.sleep(0.2)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def body(generator: str, n: int, steps: int, seed: int = 0) -> dict:
+    # init "generator": every method variant starts the same way in-process and over HTTP.
+    return {"generator": generator, "method": "imh", "n": n, "steps": steps, "seed": seed,
+            "params": {"init": "generator"}}  # fmt: skip
+
+
+def http_rate(url: str, generator: str, rows: int, steps: int, repeats: int) -> float:
+    """Best-of proposals per second of one request, timed at the client."""
+    rates = []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        client.post("/v1/sample", json=body(generator, rows, 2)).raise_for_status()  # warm-up
+        for seed in range(repeats):
+            started = time.perf_counter()
+            answer = client.post("/v1/sample", json=body(generator, rows, steps, seed))
+            answer.raise_for_status()
+            rates.append(answer.json()["stats"]["proposals"] / (time.perf_counter() - started))
+    return max(rates)
+
+
+def kernel_rate(registry: Registry, generator: str, rows: int, steps: int, repeats: int) -> float:
+    """Best-of proposals per second of kernel.step in this process, same models."""
+    resolved = resolve(registry, SampleCreate(**body(generator, rows, steps)), 0, stream=False)
+    models = build_models(resolved)
+    rates = []
+    for seed in range(repeats):
+        noise = Noise.seeded(seed, rows)
+        kernel, state = prepare("imh", models, {"init": "generator"}, noise)
+        kernel.step(state, noise)  # warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            state, _ = kernel.step(state, noise)
+        rates.append(rows * steps / (time.perf_counter() - started))
+    return max(rates)
+
+
+async def post(url: str, payload: dict) -> dict:
+    """POST JSON over a bare asyncio connection: the client's own cost stays far below
+    the server's, so 32 clients in one process measure the server, not a client library."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    content = json.dumps(payload).encode()
+    writer.write(
+        b"POST /v1/sample HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(content), content)
+    )
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, answer = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:300]
+    return json.loads(answer)
+
+
+async def concurrent_rate(url: str, generator: str, clients: int, n: int, steps: int) -> float:
+    """Aggregate proposals per second of `clients` simultaneous requests of n samples."""
+    await post(url, body(generator, n, 2))  # warm-up
+    started = time.perf_counter()
+    answers = await asyncio.gather(
+        *(post(url, body(generator, n, steps, seed)) for seed in range(clients))
+    )
+    seconds = time.perf_counter() - started
+    return sum(answer["stats"]["proposals"] for answer in answers) / seconds
+
+
+def first_sample_seconds(url: str, generator: str, repeats: int) -> list[float]:
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for seed in range(repeats):
+            request = {
+                **body(generator, 64, 200, seed),
+                "params": {"chains": 64, "init": "generator"},
+            }
+            started = time.perf_counter()
+            with client.stream("POST", "/v1/sample/stream", json=request) as response:
+                for line in response.iter_lines():
+                    if line == "event: samples":
+                        times.append(time.perf_counter() - started)
+                        break
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run; writes nothing")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads here and in the servers (IMH_TORCH_THREADS)",
+    )
+    args = parser.parse_args()  # fmt: skip
+    torch.set_num_threads(args.threads)
+    quick, repeats = args.quick, 1 if args.quick else 3
+    steps = {"toy": 10 if quick else 200, "digits": 5 if quick else 40}
+    rows = {"toy": 2048, "digits": 256}
+    short = 10 if quick else 50  # (b) again with short requests
+    table: list[list[object]] = []
+    with tempfile.TemporaryDirectory(prefix="imh-bench-") as folder:
+        store = Path(folder)
+        names = stand_in_store(store)
+        toy = names["toy"]
+        registry = Registry(torch.device("cpu"))
+        registry.load_store(ZOO_STORE, "zoo")
+        registry.load_store(store, "store")
+        settings = {"batch_wait_ms": 2, "torch_threads": args.threads}
+        with Server(store, max_batch_size=4096, **settings) as server:
+            for label in ("toy", "digits"):
+                http = http_rate(server.url, names[label], rows[label], steps[label], repeats)
+                kernel = kernel_rate(registry, names[label], rows[label], steps[label], repeats)
+                table.append([f"(a) {label} ({names[label]}): HTTP / in-process kernel, "
+                              f"batch {rows[label]}, {steps[label]} steps",
+                              f"{http:,.0f} / {kernel:,.0f}", http / kernel, ">= 0.9"])  # fmt: skip
+            batched = {
+                k: (asyncio.run(concurrent_rate(server.url, toy, 32, 64, k)),
+                    asyncio.run(concurrent_rate(server.url, toy, 1, 2048, k)))
+                for k in (steps["toy"], short)
+            }  # fmt: skip
+            first = first_sample_seconds(server.url, toy, 3 if quick else 10)
+        with Server(store, max_batch_size=64, **settings) as unbatched:
+            alone = {
+                k: asyncio.run(concurrent_rate(unbatched.url, toy, 32, 64, k)) for k in batched
+            }
+    ceiling = kernel_rate(registry, toy, 2048, steps["toy"], repeats) / kernel_rate(
+        registry, toy, 64, steps["toy"], repeats
+    )
+    for k, (many, one) in batched.items():
+        table += [
+            [f"(b) toy, {k} steps: 32 clients x 64 samples / 1 client x 2048",
+             f"{many:,.0f} / {one:,.0f}", many / one, ">= 0.8"],
+            [f"(b) toy, {k} steps: 32 clients x 64, batching on / off "
+             "(IMH_MAX_BATCH_SIZE 4096 / 64)", f"{many:,.0f} / {alone[k]:,.0f}",
+             many / alone[k], ">= 5"],
+        ]  # fmt: skip
+    table += [
+        ["ceiling for (b): in-process kernel alone, batch 2048 / batch 64 (toy)", "",
+         ceiling, ""],
+        [f"(c) time to first streamed sample (toy, 64 chains), median of {len(first)}",
+         f"{statistics.median(first) * 1000:.0f} ms (min {min(first) * 1000:.0f}, "
+         f"max {max(first) * 1000:.0f})", "", ""],
+    ]  # fmt: skip
+    text = markdown_table(["measure", "proposals per second", "ratio", "goal"], table)
+    print(text)
+    if not quick:
+        write_section("BENCHMARKS.md", "serve", "\n\n".join([
+            "## Serving: HTTP overhead and batching",
+            f"Command: `{COMMAND}` (one run; every ratio from that run). Machine: {machine()}; "
+            f"torch threads {args.threads} in this process and in the servers.",
+            text, NOTES]))  # fmt: skip
+
+
+NOTES = """Notes written with the figures above (see the docstring of benchmarks/serve.py for
+what each row measures)."""
+
+
+if __name__ == "__main__":
+    main()
