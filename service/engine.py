@@ -6,10 +6,9 @@ most `batch_wait_s`, counted from that job's arrival, for more rows, up to
 `max_batch_size` rows. Batching is continuous: jobs join and leave between steps, so a
 long request never holds a short one back.
 
-A job is one request's block of chains. Its randomness comes from its own generators
-(one per `SEED_BLOCK_ROWS` rows), so its samples depend on its seed only, never on who
-shares the batch. Final-mode jobs follow `samplers.run_final` exactly, restart round
-included; stream-mode jobs follow `samplers.run_stream` and stop after `target` samples.
+A job (service/jobs.py) is one request's block of chains with its own random streams.
+Final-mode jobs follow `samplers.run_final` exactly, restart round included; stream-mode
+jobs follow `samplers.run_stream` and stop after `target` samples.
 
 Model work runs in the group thread; results cross to the event loop with
 `call_soon_threadsafe`. A failing step fails the jobs in that batch (each gets the
@@ -36,47 +35,11 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from samplers import Kernel, Noise, concat, make_generator, split, take
+from samplers import Kernel, Noise, concat, split, take
 from service.errors import EngineFailure, QueueFull, ServiceError
+from service.jobs import Job, JobSpec, call, settle
 
 log = logging.getLogger("imh.engine")
-SEED_BLOCK_ROWS = 256  # rows per random stream: fixed, so a seed's samples never depend on config
-_END = object()  # stream sentinel
-
-
-def seed_blocks(seed: int, rows: int, first_block: int, device: torch.device):
-    """Generators and row counts for `rows` rows starting at block `first_block` of a request.
-
-    Block 0 is seeded with `seed` itself (so a small request matches Noise.seeded(seed, n));
-    block b > 0 with a seed derived from (seed, b).
-    """
-    generators, counts = [], []
-    for index in range(-(-rows // SEED_BLOCK_ROWS)):
-        block = first_block + index
-        block_seed = (
-            seed
-            if block == 0
-            else int(np.random.SeedSequence([seed, block]).generate_state(1, np.uint64)[0] >> 1)
-        )
-        generators.append(make_generator(block_seed, device))
-        counts.append(min(SEED_BLOCK_ROWS, rows - index * SEED_BLOCK_ROWS))
-    return generators, counts
-
-
-@dataclass
-class JobSpec:
-    rows: int  # chains
-    steps: int  # steps per round (final: + one restart round for flagged rows)
-    generators: list[torch.Generator]
-    block_rows: list[int]
-    options: dict[str, Any] = field(default_factory=dict)  # method options for the plan
-    stream: bool = False
-    thin: int = 1  # stream: emit on every thin-th step
-    target: int = 0  # stream: stop after this many samples
-
-
-class StreamDone(Exception):
-    """A stream job has emitted everything it will."""
 
 
 class Plan(Protocol):
@@ -87,14 +50,6 @@ class Plan(Protocol):
     def fallback_rows(self, state: Any) -> int: ...
 
 
-class JobOutcome(NamedTuple):
-    samples: torch.Tensor | None  # final mode: (rows, *shape) on the CPU
-    proposals: int
-    accepted: int
-    restarted: int
-    fallback: int  # rows that return a fallback (drs: no accepted proposal at all)
-
-
 @dataclass
 class EngineConfig:
     max_batch_size: int = 4096
@@ -103,73 +58,6 @@ class EngineConfig:
     buffer_events: int = 64
     idle_s: float = 60.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-
-class Job:
-    """One block of a request's chains. Await `result()` (final) or iterate `stream()`."""
-
-    def __init__(self, spec: JobSpec, loop: asyncio.AbstractEventLoop):
-        self.spec, self.loop = spec, loop
-        self.future: asyncio.Future[JobOutcome] = loop.create_future()
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
-        self.enqueued_at = time.monotonic()
-        self.group: Group | None = None
-        self.cancelled = False  # these two change under the group's lock
-        self.buffered = 0
-        # Group-thread state:
-        self.rows, self.block_rows = spec.rows, list(spec.block_rows)
-        self.state: Any = None
-        self.steps_done = self.phase = self.proposals = self.accepted = self.emitted = 0
-        self.restarted = 0
-        self.kept: Any = None  # final phase 1: the full state the restarted rows return to
-        self.stuck_index: torch.Tensor | None = None
-
-    async def result(self) -> JobOutcome:
-        try:
-            return await asyncio.shield(self.future)
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-
-    async def next_samples(self, timeout: float | None = None) -> torch.Tensor | None:
-        """The next batch of newly accepted samples (stream jobs), None after `timeout` s.
-
-        Raises StreamDone when the job has finished, or the job's error if it failed.
-        """
-        try:
-            item = await asyncio.wait_for(self.events.get(), timeout)
-        except TimeoutError:
-            return None
-        if item is _END:
-            self.events.put_nowait(_END)  # later calls end too
-            self.future.result()  # raises the failure, if any
-            raise StreamDone
-        self.group.drained(self)
-        return item
-
-    def cancel(self) -> None:
-        if self.group is not None:
-            self.group.cancel(self)
-
-    def outcome(self, samples: torch.Tensor | None, fallback: int = 0) -> JobOutcome:
-        return JobOutcome(samples, self.proposals, self.accepted, self.restarted, fallback)
-
-
-def _call(job: Job, fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        job.loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop has closed: nobody is waiting any more
-        pass
-
-
-def _settle(job: Job, outcome: JobOutcome | None, error: BaseException | None) -> None:
-    def settle() -> None:
-        if not job.future.done():
-            job.future.set_exception(error) if error else job.future.set_result(outcome)
-            job.future.exception() if error else None  # retrieved: no "never retrieved" log
-        job.events.put_nowait(_END)
-
-    _call(job, settle)
 
 
 class _Batch(NamedTuple):
@@ -275,6 +163,8 @@ class Group:
             self._sync_active(active)
         self._sync_active([])
         self._fail(active + list(self._pending), EngineFailure("the server is shutting down"))
+        self._batch = None
+        self.engine.forget(self)  # drop its models too: a deleted model is freed here
 
     def _admit(self, active: list[Job]) -> list[Job] | None:
         """Jobs that join the batch now; None when the thread should exit."""
@@ -334,7 +224,7 @@ class Group:
                     active.append(job)
                 else:  # method "none", final mode: the first proposals are the samples
                     job.proposals = job.accepted = job.rows
-                    _settle(job, job.outcome(kernel.output(part).cpu()), None)
+                    settle(job, job.outcome(kernel.output(part).cpu()), None)
 
     def _noise(self, jobs: list[Job]) -> Noise:
         """One Noise over the jobs' rows in order: each block keeps its own generator."""
@@ -369,7 +259,7 @@ class Group:
                     self._emit(job, outputs[rows][info.is_accepted[rows]])
                 if job.emitted >= job.spec.target or job.steps_done >= job.spec.steps:
                     job.state = None
-                    _settle(job, job.outcome(None), None)
+                    settle(job, job.outcome(None), None)
                     changed.add(index)
             elif job.steps_done >= job.spec.steps:
                 self._end_round(plan, job, take(state, rows))
@@ -399,7 +289,7 @@ class Group:
         job.emitted += len(samples)
         with self._cond:
             job.buffered += 1
-        _call(job, job.events.put_nowait, samples)
+        call(job, job.events.put_nowait, samples)
 
     def _end_round(self, plan: Plan, job: Job, state: Any) -> None:
         """run_final's ending: one restart round for flagged rows, then the samples."""
@@ -423,7 +313,7 @@ class Group:
                 )
             )
         job.state = None
-        _settle(job, job.outcome(self._kernel.output(state).cpu(), plan.fallback_rows(state)), None)
+        settle(job, job.outcome(self._kernel.output(state).cpu(), plan.fallback_rows(state)), None)
 
     def _fail(self, jobs: list[Job], error: BaseException) -> None:
         failure = (
@@ -433,7 +323,7 @@ class Group:
         )
         for job in jobs:
             job.state = None
-            _settle(job, None, failure)
+            settle(job, None, failure)
 
     def _sync_active(self, active: list[Job]) -> None:
         active[:] = [job for job in active if not job.cancelled and job.state is not None]
@@ -472,6 +362,11 @@ class Engine:
             if group.enqueue(jobs):
                 return jobs
 
+    def forget(self, group: Group) -> None:
+        with self._lock:
+            if self._groups.get(group.key) is group:
+                del self._groups[group.key]
+
     def close(self) -> None:
         with self._lock:
             groups = list(self._groups.values())
@@ -483,4 +378,6 @@ class Engine:
 
     @property
     def groups(self) -> int:
-        return sum(not group.closed for group in list(self._groups.values()))
+        """Scheduler threads running now."""
+        with self._lock:
+            return sum(not group.closed for group in self._groups.values())

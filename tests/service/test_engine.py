@@ -12,8 +12,9 @@ import torch
 
 from samplers import Kernel, Noise, run_final
 from samplers.methods import DEFAULTS, Models, prepare
-from service.engine import Engine, EngineConfig, JobSpec, StreamDone, seed_blocks
+from service.engine import Engine, EngineConfig
 from service.errors import EngineFailure, QueueFull
+from service.jobs import JobSpec, StreamDone, seed_blocks
 from service.metrics import Metrics
 from tests.samplers import targets
 
@@ -218,6 +219,21 @@ def test_a_failing_step_fails_its_batch_and_the_group_keeps_serving():
                 await doomed.result()
             [later] = submit(engine, plan, spec(1, 4, 2))
             return await later.result()
+        finally:
+            engine.close()
+
+    assert asyncio.run(main()).samples.shape == (4, 1)
+
+
+def test_an_idle_group_exits_and_a_new_request_starts_another():
+    async def main():
+        engine, plan = make_engine(idle_s=0.05), ToyPlan()
+        try:
+            [job] = submit(engine, plan, spec(0, 4, 2))
+            await job.result()
+            await wait_for(lambda: engine.groups == 0)
+            [job] = submit(engine, plan, spec(1, 4, 2))
+            return await job.result()
         finally:
             engine.close()
 

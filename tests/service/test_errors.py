@@ -89,3 +89,38 @@ def test_the_server_keeps_serving_after_bad_input(client):
     assert post(client, {"generator": "toy", "n": 2, "steps": 2}).status_code == 200
     assert client.get("/docs").status_code == 200
     assert "/v1/sample/stream" in client.get("/openapi.json").json()["paths"]
+
+
+def in_process(app, method: str, path: str, **kwargs):
+    """One request to an app in this process (its lifespan, and so model loading, not run)."""
+    import asyncio
+
+    import httpx
+
+    async def call():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as local:
+            return await local.request(method, path, **kwargs)
+
+    return asyncio.run(call())
+
+
+def test_not_ready_and_a_full_queue_answer_503_with_retry_after(tmp_path):
+    from service.app import create_app
+    from service.errors import QueueFull
+    from service.settings import Settings
+
+    app = create_app(Settings(zoo=False, model_store=tmp_path))
+    body = {"generator": "toy"}
+    loading = in_process(app, "POST", "/v1/sample", json=body)
+    assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+    assert in_process(app, "GET", "/readyz").status_code == 503
+
+    async def full(*args, **kwargs):
+        raise QueueFull("the scheduler queue is full (8192 rows waiting)")
+
+    state = app.state.imh
+    state.ready, state.sampling.resolve = True, full
+    response = in_process(app, "POST", "/v1/sample", json=body)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "queue is full" in response.json()["detail"]
