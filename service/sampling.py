@@ -12,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +29,8 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.schemas import SampleCreate
 from service.settings import Settings
+
+log = logging.getLogger("imh.sampling")
 
 
 class SamplingService:
@@ -62,13 +66,14 @@ class SamplingService:
         started = time.monotonic()
         if resolved.stream:  # stream mode through the JSON path: collect what streams
             batches, stats = [], None
-            async for event, data in self.events(resolved, encode=False):
-                if event == "samples":
-                    batches.append(data)
-                elif event == "done":
-                    stats = data
-                elif event == "error":
-                    raise EngineFailure(data["detail"])
+            async with contextlib.aclosing(self.events(resolved, encode=False)) as events:
+                async for event, data in events:
+                    if event == "samples":
+                        batches.append(data)
+                    elif event == "done":
+                        stats = data
+                    elif event == "error":
+                        raise EngineFailure(data["detail"])
             shape = resolved.generator.manifest.sample_shape
             return (torch.cat(batches) if batches else torch.empty(0, *shape)), stats
         jobs = self._submit(resolved)
@@ -97,7 +102,7 @@ class SamplingService:
     async def _events(
         self, resolved: methods.Resolved, job: Job, encode: bool
     ) -> AsyncIterator[tuple[str, Any]]:
-        started = last_metrics = time.monotonic()
+        started, last_metrics = job.enqueued_at, time.monotonic()
         interval = self.settings.metrics_interval_s
         fid = await self._running_fid(resolved)
         labels = self._labels(resolved)
@@ -251,7 +256,11 @@ class SamplingService:
 
 
 class RunningFid:
-    """FID of everything a stream emitted so far, against the generator's reference stats."""
+    """FID of everything a stream emitted so far, against the generator's reference stats.
+
+    A features model or reference that does not fit the samples turns the FID off for
+    that stream (logged once) rather than breaking the stream.
+    """
 
     def __init__(self, features: Any, reference: Any, metrics: Metrics, labels: tuple[str, str]):
         from evaluation.stats import FeatureStats
@@ -260,6 +269,7 @@ class RunningFid:
         self.stats = FeatureStats(features.manifest.feature_dim)
         self.reference, self.gauge = reference, metrics.running_fid.labels(*labels)
         self.device = next(iter(features.module.parameters()), torch.zeros(0)).device
+        self.broken = False
 
     @property
     def count(self) -> int:
@@ -271,14 +281,25 @@ class RunningFid:
                 features = self.module(samples.to(self.device)).reshape(len(samples), -1)
             self.stats.update(features.double().cpu().numpy())
 
-        await asyncio.to_thread(add)
+        if not self.broken:
+            try:
+                await asyncio.to_thread(add)
+            except (ValueError, RuntimeError) as error:
+                self._break(error)
 
     def value(self) -> float | None:
-        if self.stats.count < 2:
+        if self.broken or self.stats.count < 2:
             return None
-        fid = float(self.stats.fid_to(self.reference))
+        try:
+            fid = float(self.stats.fid_to(self.reference))
+        except (ValueError, RuntimeError) as error:
+            return self._break(error)
         self.gauge.set(fid)
         return fid
+
+    def _break(self, error: Exception) -> None:
+        self.broken = True
+        log.warning("running FID turned off for this stream: %s", error)
 
 
 class _TwoRowNoise:
