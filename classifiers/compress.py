@@ -422,6 +422,45 @@ def _time_call(model: nn.Module, x: torch.Tensor, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def measure_latencies(
+    models: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    batch_sizes: tuple[int, ...] = (1, 256),
+    *,
+    repeats: int = 30,
+    min_seconds: float = 0.02,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Median seconds per batch, {model name: {str(batch size): seconds}}.
+
+    The models are timed in turn within each of `repeats` rounds, each timing enough
+    calls to last about `min_seconds`, so load from other processes hits all alike.
+    Eval mode, no autograd, on each model's device, random inputs in [0, 1).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    names = list(models)
+    results: dict[str, dict[str, float]] = {name: {} for name in names}
+    for batch in batch_sizes:
+        x = torch.rand((batch, *input_shape), generator=generator)
+        inputs = {name: x.to(next(m.parameters()).device) for name, m in models.items()}
+        calls = {}
+        for name, model in models.items():  # warm-up (first calls build kernels), calibration
+            _time_call(model.eval(), inputs[name], 3)
+            calls[name] = 1
+            while _time_call(model, inputs[name], calls[name]) * calls[name] < min_seconds:
+                calls[name] *= 2
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(repeats):
+            # a fresh order each round, so no model always runs right after another
+            for i in torch.randperm(len(names), generator=generator).tolist():
+                times[names[i]].append(
+                    _time_call(models[names[i]], inputs[names[i]], calls[names[i]])
+                )
+        for name in models:
+            results[name][str(batch)] = statistics.median(times[name])
+    return results
+
+
 def measure_speedup(
     original: nn.Module,
     compressed: nn.Module,
@@ -432,31 +471,27 @@ def measure_speedup(
     min_seconds: float = 0.02,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Median latency (ms per batch), throughput (inputs/s) and speed-up per batch size.
+    """Latency (ms per batch), throughput (inputs/s) and speed-up per batch size.
 
-    The two models are timed alternately, `repeats` rounds each of enough calls to last
-    `min_seconds`, so load from other processes hits both alike. Eval mode, no autograd,
-    on the models' device, random inputs in [0, 1).
+    {str(batch size): {"original_ms", "compressed_ms", "original_per_s",
+    "compressed_per_s", "speedup"}}, timed alternately (see `measure_latencies`).
     """
-    original, compressed = original.eval(), compressed.eval()
-    device = next(original.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    seconds = measure_latencies(
+        {"original": original, "compressed": compressed},
+        input_shape,
+        batch_sizes,
+        repeats=repeats,
+        min_seconds=min_seconds,
+        seed=seed,
+    )
     results = {}
-    for batch in batch_sizes:
-        x = torch.rand((batch, *input_shape), generator=generator).to(device)
-        per_call = max(_time_call(original, x, 3), 1e-6)  # warm-up and calibration
-        _time_call(compressed, x, 3)
-        calls = max(1, int(min_seconds / per_call))
-        times = {"original": [], "compressed": []}
-        for _ in range(repeats):
-            times["original"].append(_time_call(original, x, calls))
-            times["compressed"].append(_time_call(compressed, x, calls))
-        t_orig, t_small = (statistics.median(times[k]) for k in ("original", "compressed"))
-        results[str(batch)] = {
+    for batch in map(str, batch_sizes):
+        t_orig, t_small = seconds["original"][batch], seconds["compressed"][batch]
+        results[batch] = {
             "original_ms": 1e3 * t_orig,
             "compressed_ms": 1e3 * t_small,
-            "original_per_s": batch / t_orig,
-            "compressed_per_s": batch / t_small,
+            "original_per_s": int(batch) / t_orig,
+            "compressed_per_s": int(batch) / t_small,
             "speedup": t_orig / t_small,
         }
     return results

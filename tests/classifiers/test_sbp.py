@@ -160,6 +160,9 @@ def test_layer_is_stochastic_in_training_and_masked_mean_in_eval():
     expected = (stats_.mean * torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)).float()
     assert torch.allclose(layer(x)[0, :, 1, 1], expected)
     assert layer.mask().tolist() == [True, True, False, False]
+    with torch.no_grad():  # the cached eval multiplier follows in-place updates
+        layer.mu[0] = -2.0
+    assert layer(x)[0, 0, 1, 1].item() == pytest.approx(math.exp(-2.0), rel=1e-3)
 
 
 def test_all_pruned_layer_keeps_its_highest_snr_unit():

@@ -135,7 +135,10 @@ def test_predict_returns_a_deterministic_prediction_and_validates_inputs():
 
 def test_train_sbp_is_seeded_and_moves_towards_the_prior():
     split = load_digits_split()
-    x, y = torch.from_numpy(split.x_train[:256].copy()), torch.from_numpy(split.y_train[:256])
+    x, y = (
+        torch.from_numpy(split.x_train[:256].copy()),
+        torch.from_numpy(split.y_train[:256].copy()),
+    )
     torch.manual_seed(0)
     pretrained = DigitsMLP(hidden=[32, 16])
     before = sbp.kl_divergence(sbp.add_sbp(pretrained)).item()

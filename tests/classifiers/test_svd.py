@@ -83,7 +83,10 @@ def test_sparsified_network_matches_and_counts_are_consistent():
 
 def test_train_svd_sparsifies_a_pretrained_mlp():
     split = load_digits_split()
-    x, y = torch.from_numpy(split.x_train[:256].copy()), torch.from_numpy(split.y_train[:256])
+    x, y = (
+        torch.from_numpy(split.x_train[:256].copy()),
+        torch.from_numpy(split.y_train[:256].copy()),
+    )
     torch.manual_seed(0)
     noisy = svd.train_svd(DigitsMLP(hidden=[32, 16]), x, y, epochs=4, lr=1e-2, seed=0)
     _, report = svd.sparsify(noisy)
