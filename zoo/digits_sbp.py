@@ -78,6 +78,4 @@ def load(name: str, version: str = "1", device: str = "cpu") -> BlockNet:
     """Build a stored digits SBP-zoo model (eval mode) from its manifest."""
     folder = STORE / name / version
     manifest = json.loads((folder / "manifest.json").read_text())
-    return build(
-        manifest["architecture"], manifest["config"], folder / manifest["weights"], device
-    )
+    return build(manifest["architecture"], manifest["config"], folder / manifest["weights"], device)
