@@ -40,6 +40,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.quality
 	$(PY) -m benchmarks.kernels
 	$(PY) -m benchmarks.sbn
+	$(PY) -m benchmarks.sbp
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
