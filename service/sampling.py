@@ -176,7 +176,9 @@ class SamplingService:
             with torch.inference_mode():
                 x = models.generator(torch.zeros(2, models.latent_dim, device=self.registry.device))
                 if models.markov_proposal is not None:
-                    moved = models.markov_proposal(x, _TwoRowNoise(x.device), torch.ones(2))
+                    moved = models.markov_proposal(
+                        x, _TwoRowNoise(x.device), torch.ones(2, device=x.device)
+                    )
                     _expect(tuple(moved.shape), tuple(x.shape), "the proposal's output")
                 out = models.log_ratio(x) if models.log_ratio else models.log_pair(x, x)
                 _expect(tuple(out.shape), (2,), f"{resolved.discriminator.ref}'s output")
