@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.classifiers import ClassifierService
 from service.deps import AppState
 from service.engine import Engine, EngineConfig
 from service.errors import (
@@ -36,7 +37,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.registry import ZOO_STORE, Registry
-from service.routes import health, models, sample
+from service.routes import classifiers, health, models, sample
 from service.sampling import SamplingService
 from service.settings import Settings, get_settings
 
@@ -98,8 +99,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.imh = state
+    app.state.classifiers = ClassifierService(registry, settings, metrics)
     app.add_middleware(HttpMetrics, metrics=metrics)
-    for router in (health.router, models.router, sample.router):
+    for router in (health.router, models.router, sample.router, classifiers.router):
         app.include_router(router)
 
     @app.exception_handler(RequestValidationError)
