@@ -229,7 +229,7 @@ class ClassifierService:
             raise InvalidRequest(f"epochs must be between 1 and {MAX_FIT_EPOCHS}", ("epochs",))
         if not 0 <= seed < 2**63:
             raise InvalidRequest("seed must be in [0, 2^63)", ("seed",))
-        x = as_inputs(inputs, manifest.input_shape, "inputs")
+        x = await asyncio.to_thread(as_inputs, inputs, manifest.input_shape, "inputs")
         if batch_size < 2 or len(x) < MIN_FIT_BATCHES * batch_size:
             raise InvalidRequest(
                 f"need batch_size >= 2 and at least {MIN_FIT_BATCHES} batches of training "
