@@ -136,6 +136,8 @@ class Group:
     # The group thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        # OpenMP keeps its thread count per thread: apply the process's setting here too.
+        torch.set_num_threads(torch.get_num_threads())
         try:
             plan, plan_error = self._plan_factory(), None
         except Exception as error:  # noqa: BLE001 - every job of this group gets the reason
