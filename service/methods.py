@@ -224,12 +224,24 @@ def build_models(resolved: Resolved) -> Models:
 
 
 def calibrated_logit(discriminator: LoadedModel, calibration: str) -> Callable:
-    module, calibrate = discriminator.module, discriminator.calibrators[calibration]
+    module, calibrate = discriminator.module, _own_copy(discriminator.calibrators[calibration])
 
     def log_ratio(x: torch.Tensor) -> torch.Tensor:
         return calibrate(module(x).reshape(len(x)))
 
     return log_ratio
+
+
+def _own_copy(calibrator: Callable) -> Callable:
+    """A fresh calibrator for each group: calibrators cache lookup tables built in whatever
+    autograd mode they were first called in, and a table built under inference mode (by
+    an imh group) breaks the gradients mala takes through the same calibrator."""
+    to_dict = getattr(calibrator, "to_dict", None)
+    if to_dict is None:
+        return calibrator
+    from discriminators.calibration import calibrator_from_dict
+
+    return calibrator_from_dict(to_dict())
 
 
 def pair_log_d(discriminator: LoadedModel) -> Callable:

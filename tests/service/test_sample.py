@@ -108,3 +108,12 @@ def test_drs_gamma_shifts_acceptance(client):
 def test_a_zoo_format_model_from_the_store_samples(client):
     answer = sample(client, generator="toy-zoo", method="none", n=3, seed=0).json()
     assert np.asarray(answer["samples"]).shape == (3, 2)
+
+
+def test_mala_takes_gradients_through_a_calibrator_other_methods_used_first(client):
+    # Calibrators cache lookup tables; one built under inference mode by an imh group
+    # must not break the gradients mala takes through the same calibration.
+    body = {"generator": "toy", "n": 8, "steps": 3, "seed": 0, "calibration": "isotonic"}
+    sample(client, **body, method="imh")
+    answer = sample(client, **body, method="mala").json()
+    assert answer["stats"]["calibration"] == "isotonic" and len(answer["samples"]) == 8
