@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
@@ -18,6 +19,7 @@ from service.schemas import SampleCreate, SamplePublic
 router = APIRouter(prefix="/v1", tags=["sample"])
 NDJSON = "application/x-ndjson"
 INLINE_ENCODE_VALUES = 20_000  # about a millisecond of JSON encoding
+DISCONNECT_POLL_S = 0.25  # how soon a gone client's chains are freed
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown generator or discriminator"},
     422: {"description": "a field is out of range, of the wrong type, or unknown"},
@@ -38,9 +40,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         },
     },
 )
-async def sample(body: SampleCreate, service: SamplingDep) -> Response:
+async def sample(body: SampleCreate, service: SamplingDep, request: Request) -> Response:
     resolved = await service.resolve(body, stream=False)
-    samples, stats = await service.sample(resolved)
+    samples, stats = await _unless_disconnected(request, service.sample(resolved))
     if body.format == "json":
         content = await _encode(samples.numel(), encoding.samples_json, samples, stats)
         return Response(content, media_type="application/json")
@@ -51,6 +53,21 @@ async def sample(body: SampleCreate, service: SamplingDep) -> Response:
     value_range = resolved.generator.manifest.value_range
     content = await run_in_threadpool(encoding.png_bytes, samples, value_range)
     return Response(content, media_type="image/png", headers=headers)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it (and so freeing its chains) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise HTTPException(499, "the client closed the connection")  # never sent
+    finally:
+        task.cancel()  # no-op once done; a cancelled handler cancels the work too
 
 
 async def _encode(values: int, encode, *args) -> bytes:

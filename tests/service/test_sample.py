@@ -117,3 +117,24 @@ def test_mala_takes_gradients_through_a_calibrator_other_methods_used_first(clie
     sample(client, **body, method="imh")
     answer = sample(client, **body, method="mala").json()
     assert answer["stats"]["calibration"] == "isotonic" and len(answer["samples"]) == 8
+
+
+def test_a_client_that_gives_up_on_a_final_request_frees_its_chains(client, server):
+    import time
+
+    import httpx
+
+    from tests.service.conftest import metric
+
+    labels = {"model": "img", "method": "mala"}  # no other test samples img with mala
+    body = {"generator": "img", "method": "mala", "n": 64, "steps": 10_000, "seed": 0}
+    with pytest.raises(httpx.ReadTimeout):  # left alone, this runs for many seconds
+        httpx.post(f"{server.url}/v1/sample", json=body, timeout=httpx.Timeout(30, read=1.0))
+    deadline = time.monotonic() + 30
+    while (
+        metric(client, "imh_sample_requests_total", outcome="cancelled", **labels) < 1
+        or metric(client, "imh_active_chains", **labels) != 0
+    ):
+        assert time.monotonic() < deadline, "the chains of a gone client were not freed"
+        time.sleep(0.05)
+    assert metric(client, "imh_sample_requests_total", outcome="ok", **labels) == 0
