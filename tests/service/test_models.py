@@ -54,6 +54,13 @@ def test_the_store_models_are_listed_with_their_kinds(client):
     assert client.get("/v1/models/nope").status_code == 404
 
 
+def test_broken_model_folders_are_skipped_and_listed_with_the_reason(client):
+    errors = client.get("/v1/models").json()["load_errors"]
+    assert "manifest" in errors["broken/1"] and "pickle" in errors["pickled/1"]
+    assert client.get("/v1/models/pickled").status_code == 404
+    assert client.get("/readyz").status_code == 200
+
+
 def test_uploads_need_the_admin_token(client, gan_files):
     files = {"generator.pt2": gan_files[0]}
     assert upload(client, {}, "x", GENERATOR_MANIFEST, files).status_code == 401

@@ -81,7 +81,8 @@ def seeded(cls, *args, **kwargs) -> nn.Module:
 
 
 def build_store(store: Path) -> Path:
-    """toy (2-D), toy-d, toy-pair, toy-prop, toy-pair-cond, toy-zoo, img, img-d, img-features."""
+    """toy (2-D), toy-d, toy-pair, toy-prop, toy-pair-cond, toy-zoo, img, img-d, img-features,
+    and two folders that must be skipped: broken (bad JSON) and pickled (a pickle as .pt2)."""
     z2, x2 = torch.randn(4, 2), torch.randn(4, 2)
     toy = write(store, "toy", {
         "kind": "generator", "format": "torch.export", "file": "generator.pt2",
@@ -136,4 +137,12 @@ def build_store(store: Path) -> Path:
     with torch.no_grad():
         reference = features(torch.rand(500, 1, 8, 8)).double().numpy()
     save_stats(image / "reference.npz", reference.mean(0), np.cov(reference, rowvar=False))
+    # Broken folders a server must skip (and list) without failing to start.
+    (store / "broken" / "1").mkdir(parents=True)
+    (store / "broken" / "1" / "manifest.json").write_text('{"kind": "generator", ')
+    write(store, "pickled", {
+        "kind": "generator", "format": "torch.export", "file": "generator.pt2",
+        "latent_dim": 2, "sample_shape": [2],
+    })  # fmt: skip
+    (store / "pickled" / "1" / "generator.pt2").write_bytes(b"\x80\x04N.")  # pickle of None
     return store
