@@ -41,6 +41,8 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.kernels
 	$(PY) -m benchmarks.sbn
 	$(PY) -m benchmarks.sbp
+	$(PY) -m benchmarks.serve
+	$(PY) -m benchmarks.frechet
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

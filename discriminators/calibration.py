@@ -215,10 +215,13 @@ class IsotonicCalibrator(Calibrator):
     def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (device, dtype)
         if key not in self._tables:
-            self._tables[key] = (
-                torch.tensor(self.x_thresholds, device=device, dtype=dtype),
-                torch.tensor(self.y_thresholds, device=device, dtype=dtype),
-            )
+            # Normal tensors even when first called under inference mode, so the same
+            # calibrator also serves autograd callers (latent MALA).
+            with torch.inference_mode(False):
+                self._tables[key] = (
+                    torch.tensor(self.x_thresholds, device=device, dtype=dtype),
+                    torch.tensor(self.y_thresholds, device=device, dtype=dtype),
+                )
         return self._tables[key]
 
     def _parameters(self) -> dict[str, Any]:

@@ -206,3 +206,16 @@ def test_report_on_fit_rows_differs_from_held_out_report():
 def test_unfitted_calibrator_is_refused():
     with pytest.raises(AssertionError, match="before fit"):
         LogisticCalibrator()(torch.zeros(3))
+
+
+def test_isotonic_first_used_under_inference_mode_still_serves_autograd():
+    import torch
+
+    from discriminators.calibration import IsotonicCalibrator
+
+    calibrator = IsotonicCalibrator().fit(torch.randn(200) + 1, torch.randn(200))
+    with torch.inference_mode():
+        calibrator(torch.zeros(3))
+    x = torch.zeros(3, requires_grad=True)
+    calibrator(x * 2).sum().backward()
+    assert x.grad is not None
