@@ -142,6 +142,20 @@ class Kernel(NamedTuple):
     restart: Any = None
 
 
+def restart_from_first(state: S, fields: dict[str, str]) -> tuple[S, torch.Tensor]:
+    """Rows still at their real start (`state.is_real`) continue from their first proposal.
+
+    `fields` maps each current-state field to the field caching its first-proposal value,
+    e.g. {"x": "first_x"}; returns the new state and the restarted rows.
+    """
+    stuck = state.is_real
+    moved = {
+        name: where_rows(stuck, getattr(state, first), getattr(state, name))
+        for name, first in fields.items()
+    }
+    return state._replace(is_real=torch.zeros_like(stuck), **moved), stuck
+
+
 def noise_rows(noise: Noise, mask: torch.Tensor) -> Noise:
     """The Noise of the rows in `mask`, keeping each row's own generator."""
     counts = [int(part.sum()) for part in torch.split(mask.cpu(), noise.rows)]

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from samplers._core import Info, Kernel, Noise, accept, where_rows
+from samplers._core import Info, Kernel, Noise, accept, restart_from_first, where_rows
 from samplers.proposals import IndependentProposal
 
 LogRatio = Callable[[torch.Tensor], torch.Tensor]
@@ -90,12 +90,4 @@ def output(state: State) -> torch.Tensor:
 
 def restart(state: State) -> tuple[State, torch.Tensor]:
     """Rows that never moved continue from their first proposal (MH-GAN's restart)."""
-    stuck = state.is_real
-    return State(
-        where_rows(stuck, state.first_x, state.x),
-        torch.where(stuck, state.first_logit, state.logit),
-        torch.zeros_like(stuck),
-        state.first_x,
-        state.first_logit,
-        state.has_first,
-    ), stuck
+    return restart_from_first(state, {"x": "first_x", "logit": "first_logit"})

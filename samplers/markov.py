@@ -17,7 +17,15 @@ from typing import NamedTuple
 
 import torch
 
-from samplers._core import Info, Kernel, Noise, accept, per_row, where_rows
+from samplers._core import (
+    Info,
+    Kernel,
+    Noise,
+    accept,
+    per_row,
+    restart_from_first,
+    where_rows,
+)
 from samplers.proposals import IndependentProposal, MarkovProposal
 
 LogPair = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,14 +80,8 @@ def output(state: State) -> torch.Tensor:
 
 
 def restart(state: State) -> tuple[State, torch.Tensor]:
-    stuck = state.is_real
-    return State(
-        where_rows(stuck, state.first_x, state.x),
-        torch.zeros_like(stuck),
-        state.first_x,
-        state.has_first,
-        state.scale,
-    ), stuck
+    """Rows that never moved continue from their first proposal, as in `imh`."""
+    return restart_from_first(state, {"x": "first_x"})
 
 
 def independent_pair(log_ratio: Callable[[torch.Tensor], torch.Tensor]) -> LogPair:
