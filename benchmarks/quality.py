@@ -4,9 +4,11 @@ Run:  .venv/bin/python -m benchmarks.quality            (about 10 minutes on 2 c
       .venv/bin/python -m benchmarks.quality --quick    (smaller, for a smoke check)
 
 toy25: high-quality rate, modes covered, within-mode std and JSD from uniform of 10k
-samples per method (MH-GAN's metrics). digits: FID in the digit classifier's feature
-space against the held-out split, mean and 95% interval over seeds, plus the
-classifier's confidence on the samples. Writes docs/RESULTS.md (section "quality"),
+samples per method (MH-GAN's metrics). DRS keeps accepted proposals only, from at most
+5K rounds of n proposals (exact DRS accepts about 1 in 1000 here, so it returns fewer).
+digits: FID in the digit classifier's feature space against the held-out split, mean and
+95% interval over seeds, plus the classifier's confidence on the samples. Writes
+docs/RESULTS.md (sections "quality-toy25", "quality-digits"),
 docs/img/toy25_scatter.png and docs/img/digits_grid.png.
 """
 
@@ -25,7 +27,7 @@ from scipy import stats
 from benchmarks.report import DOCS, machine, markdown_table, write_section
 from discriminators.calibration import load_calibration
 from evaluation import FeatureStats, load_stats, toy25_metrics
-from samplers import Noise, proposals, run_final
+from samplers import Noise, proposals, run_final, run_stream
 from samplers.methods import Models, prepare
 from zoo import catalog
 
@@ -107,7 +109,10 @@ class Zoo:
                 noise_dim = int(catalog.read_manifest(proposal)["noise_dim"])
                 move = proposals.conditional(catalog.load(proposal), noise_dim)
             return Models(
-                self.generator, self.latent_dim, log_pair=network, markov_proposal=move,
+                self.generator,
+                self.latent_dim,
+                log_pair=network,
+                markov_proposal=move,
                 real=self.real,
             )
         calibrate = self._calibrator(config.discriminator, manifest, config.calibration)
@@ -138,8 +143,23 @@ def draw(zoo: Zoo, config: Config, n: int, seed: int) -> tuple[torch.Tensor, flo
     noise = Noise.seeded(seed, n)
     start = time.perf_counter()
     kernel, state = prepare(config.method, zoo.models(config), params, noise)
+    if config.method == "drs":  # rejection sampling: keep accepted proposals only
+        samples, rate = _accepted(kernel, state, noise, n, max_steps=5 * config.steps)
+        return samples, rate, time.perf_counter() - start
     result = run_final(kernel, state, noise, config.steps)
     return result.samples, result.acceptance_rate, time.perf_counter() - start
+
+
+def _accepted(kernel, state, noise, n: int, max_steps: int) -> tuple[torch.Tensor, float]:
+    """The first n accepted proposals (fewer if max_steps rounds run out)."""
+    kept, proposals = [], 0
+    for samples, info in run_stream(kernel, state, noise, max_steps):
+        kept.append(samples)
+        proposals += len(info.is_accepted)
+        if sum(len(k) for k in kept) >= n:
+            break
+    samples = torch.cat(kept)
+    return samples[:n], len(samples) / proposals
 
 
 def run_toy25(n: int, steps: int) -> tuple[str, list[tuple[str, torch.Tensor]]]:
@@ -148,14 +168,22 @@ def run_toy25(n: int, steps: int) -> tuple[str, list[tuple[str, torch.Tensor]]]:
     for config in toy25_configs(steps):
         samples, rate, seconds = draw(zoo, config, n, seed=0)
         m = toy25_metrics(samples)
-        rows.append([
-            config.label, config.steps, f"{m.high_quality_rate:.3f}", m.modes_covered,
-            f"{m.within_mode_std:.4f}", f"{m.jsd_from_uniform:.4f}", f"{rate:.3f}",
-            f"{seconds:.1f}",
-        ])
+        rows.append(
+            [
+                config.label,
+                config.steps,
+                len(samples),
+                f"{m.high_quality_rate:.3f}",
+                m.modes_covered,
+                f"{m.within_mode_std:.4f}",
+                f"{m.jsd_from_uniform:.4f}",
+                f"{rate:.3f}",
+                f"{seconds:.1f}",
+            ]
+        )
         scatter.append((config.label, samples))
         print(rows[-1], flush=True)
-    header = ["method", "K", "HQ rate", "modes", "within-mode std", "JSD", "accept", "s"]
+    header = ["method", "K", "n", "HQ rate", "modes", "within-mode std", "JSD", "accept", "s"]
     return markdown_table(header, rows), scatter
 
 
@@ -178,10 +206,17 @@ def run_digits(n: int, steps: int, seeds: int) -> tuple[str, list[tuple[str, tor
             seconds.append(secs)
         mean, half = interval(fids)
         conf = np.concatenate(confidences)
-        rows.append([
-            config.label, config.steps, f"{mean:.2f} ± {half:.2f}", f"{conf.mean():.3f}",
-            f"{(conf > 0.9).mean():.3f}", f"{np.mean(rates):.3f}", f"{np.mean(seconds):.1f}",
-        ])
+        rows.append(
+            [
+                config.label,
+                config.steps,
+                f"{mean:.2f} ± {half:.2f}",
+                f"{conf.mean():.3f}",
+                f"{(conf > 0.9).mean():.3f}",
+                f"{np.mean(rates):.3f}",
+                f"{np.mean(seconds):.1f}",
+            ]
+        )
         grids.append((config.label, samples[:64]))
         print(rows[-1], flush=True)
     header = ["method", "K", "FID (95% CI)", "mean confidence", "conf > 0.9", "accept", "s"]
@@ -215,7 +250,7 @@ def plot_toy25(scatter: list[tuple[str, torch.Tensor]]) -> None:
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
         ax.set(xlim=(-2.7, 2.7), ylim=(-2.7, 2.7), title=label, aspect="equal")
         ax.title.set_fontsize(9)
-    for ax in list(axes.flat)[len(scatter):]:
+    for ax in list(axes.flat)[len(scatter) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(DOCS / "img" / "toy25_scatter.png", dpi=80)
@@ -247,24 +282,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     toy_n, digits_n, steps, seeds = (2000, 500, 20, 2) if args.quick else (10000, 2000, 100, 5)
-    sections = []
+    header = f"Command: `{COMMAND}` ({machine()}).\n\n"
     if args.only in (None, "toy25"):
         table, scatter = run_toy25(toy_n, steps)
-        sections.append(f"### toy25 (n = {toy_n} per method, one seed)\n\n{table}")
+        text = f"## Sample quality: toy25\n\n{header}n = {toy_n} per method, one seed.\n\n{table}"
         if not args.quick:
             plot_toy25(scatter)
+        publish("quality-toy25", text, args.quick)
     if args.only in (None, "digits"):
         table, grids = run_digits(digits_n, steps, seeds)
-        sections.append(
-            f"### digits (n = {digits_n} per seed, {seeds} seeds; FID in classifier "
-            f"features against the {450}-image held-out split)\n\n{table}"
+        text = (
+            f"## Sample quality: digits\n\n{header}n = {digits_n} per seed, {seeds} seeds; FID "
+            "in the digit classifier's feature space against the held-out split.\n\n" + table
         )
         if not args.quick:
             plot_digits(grids)
-    text = f"## Sample quality\n\nCommand: `{COMMAND}` ({machine()}).\n\n" + "\n\n".join(sections)
-    print(text)
-    if not args.quick and args.only is None:
-        write_section("RESULTS.md", "quality", text)
+        publish("quality-digits", text, args.quick)
+
+
+def publish(section: str, text: str, quick: bool) -> None:
+    print(text, flush=True)
+    if not quick:
+        write_section("RESULTS.md", section, text)
 
 
 if __name__ == "__main__":
