@@ -21,7 +21,11 @@ class Info(NamedTuple):
 
     is_accepted: torch.Tensor  # (B,) bool
     log_ratio: torch.Tensor  # (B,) log acceptance ratio; NaN counts as rejection
-    acceptance_probability: torch.Tensor  # (B,) min(1, exp(log_ratio)), 0 where NaN
+
+    @property
+    def acceptance_probability(self) -> torch.Tensor:
+        """(B,) min(1, exp(log_ratio)), 0 where NaN; computed only when asked for."""
+        return self.log_ratio.clamp(max=0.0).exp().nan_to_num(nan=0.0)
 
 
 class Noise:
@@ -57,6 +61,13 @@ class Noise:
         return sum(self.rows)
 
     def _draw(self, fn: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if len(self.rows) == 1:  # the common case, without the list plumbing
+            return fn(
+                (self.rows[0], *shape),
+                generator=self.generators[0],
+                device=self.device,
+                dtype=dtype,
+            )
         blocks = [
             fn((n, *shape), generator=g, device=self.device, dtype=dtype)
             for g, n in zip(self.generators, self.rows, strict=True)
@@ -82,16 +93,15 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 def accept(log_ratio: torch.Tensor, noise: Noise) -> Info:
-    """The Metropolis-Hastings test, per row: accept iff log U < log_ratio.
+    """The Metropolis-Hastings test, per row: accept iff U < exp(log_ratio).
 
     A NaN log ratio (a discriminator that overflowed, a proposal outside the support)
     rejects instead of propagating.
     """
     log_ratio = log_ratio.float()
-    log_u = noise.uniform().clamp_min(torch.finfo(torch.float32).tiny).log()
-    is_accepted = log_u < log_ratio  # False for NaN: comparisons with NaN are false
-    probability = log_ratio.clamp(max=0.0).exp().nan_to_num(nan=0.0)
-    return Info(is_accepted, log_ratio, probability)
+    # u < exp(r) is exact at both ends: exp overflows to inf (accept), u = 0 never beats
+    # a ratio of 0, and NaN compares false (reject).
+    return Info(noise.uniform() < log_ratio.exp(), log_ratio)
 
 
 def where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
