@@ -224,9 +224,8 @@ def run_digits(n: int, steps: int, seeds: int) -> tuple[str, list[tuple[str, tor
 
 
 def classifier_probs(features: torch.nn.Module, samples: torch.Tensor) -> torch.Tensor:
-    """Softmax of the digit classifier behind the feature extractor."""
-    classifier = getattr(features, "classifier", features)
-    return torch.softmax(classifier(samples), dim=1)
+    """Softmax of the digit classifier behind the feature extractor (zoo.digits)."""
+    return torch.softmax(features.head(features.features(samples)), dim=1)
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -279,9 +278,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small n and K, no doc write")
     parser.add_argument("--only", choices=["toy25", "digits"])
+    parser.add_argument("--digits-steps", type=int, default=50, help="K for digits chains")
     args = parser.parse_args()
     torch.manual_seed(0)
-    toy_n, digits_n, steps, seeds = (2000, 500, 20, 2) if args.quick else (10000, 2000, 100, 5)
+    toy_n, digits_n, steps, seeds = (2000, 500, 20, 2) if args.quick else (10000, 1000, 100, 3)
+    digits_steps = min(steps, args.digits_steps)
     header = f"Command: `{COMMAND}` ({machine()}).\n\n"
     if args.only in (None, "toy25"):
         table, scatter = run_toy25(toy_n, steps)
@@ -290,7 +291,7 @@ def main() -> None:
             plot_toy25(scatter)
         publish("quality-toy25", text, args.quick)
     if args.only in (None, "digits"):
-        table, grids = run_digits(digits_n, steps, seeds)
+        table, grids = run_digits(digits_n, digits_steps, seeds)
         text = (
             f"## Sample quality: digits\n\n{header}n = {digits_n} per seed, {seeds} seeds; FID "
             "in the digit classifier's feature space against the held-out split.\n\n" + table
