@@ -1,7 +1,12 @@
 """Prometheus metrics: one prefix (`imh_`), base units, `_total` counters.
 
 Labels are bounded: `model` (the generator's name) and `method`, plus the route template
-and status code on HTTP metrics. Never request ids, seeds or versions.
+and status code on HTTP metrics, and small fixed sets (job type and state, work stream).
+Never request ids, job ids, seeds or versions.
+
+API front ends and `imh worker` processes build the same class; each exports what it
+does (the engine's series come from workers in distributed mode, the queue and job
+gauges from the API, which reads them from Redis at scrape time).
 
 Each app gets its own CollectorRegistry, so tests can build several apps in one process.
 """
@@ -93,6 +98,57 @@ class Metrics:
         )
         self.model_load_errors = Gauge(
             "imh_model_load_errors", "Model folders skipped at start", registry=r
+        )
+
+        # Distributed mode and batch jobs.
+        self.jobs = Gauge(
+            "imh_jobs", "Batch jobs kept in the store, by type and state", ("type", "state"),
+            registry=r,
+        )  # fmt: skip
+        self.jobs_submitted = Counter(
+            "imh_jobs_submitted_total", "Batch jobs accepted", ("type",), registry=r
+        )
+        self.job_shards = Counter(
+            "imh_job_shards_total",
+            "Job shards a worker finished, by outcome (done, duplicate, failed, cancelled)",
+            ("type", "outcome"),
+            registry=r,
+        )
+        self.job_items = Counter(
+            "imh_job_items_total",
+            "Samples produced (generate) or candidates scored (filter) by job shards",
+            ("type",),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "imh_queue_depth",
+            "Work messages not yet acknowledged by a worker (waiting plus in flight)",
+            ("stream",),
+            registry=r,
+        )
+        self.redeliveries = Counter(
+            "imh_redeliveries_total",
+            "Work messages reclaimed from a worker that stopped answering",
+            ("stream",),
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "imh_dead_letters_total",
+            "Work messages moved to the dead-letter stream after too many deliveries",
+            ("stream",),
+            registry=r,
+        )
+        self.worker_heartbeats = Counter(
+            "imh_worker_heartbeats_total", "Heartbeats this worker wrote to Redis", registry=r
+        )
+        self.workers = Gauge(
+            "imh_workers", "Workers whose heartbeat is fresh (seen by the API)", registry=r
+        )
+        self.worker_inflight = Gauge(
+            "imh_worker_inflight", "Work messages this worker is running", ("stream",), registry=r
+        )
+        self.redis_up = Gauge(
+            "imh_redis_up", "1 when the last Redis health check answered, else 0", registry=r
         )
 
     def render(self) -> bytes:
