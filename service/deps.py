@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
+from service.batch.service import JobService
 from service.engine import Engine
 from service.metrics import Metrics
 from service.registry import Registry
 from service.sampling import SamplingService
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.distributed.connection import Broker, Health
 
 
 @dataclass
@@ -23,10 +27,24 @@ class AppState:
     metrics: Metrics
     registry: Registry
     engine: Engine
-    sampling: SamplingService
+    sampling: Any  # SamplingService (embedded) or RemoteSampling (distributed)
     ready: bool = False
     startup_error: str | None = None
     tasks: set = field(default_factory=set)
+    distributed: bool = False
+    broker: Broker | None = None
+    health: Health | None = None
+    jobs: JobService | None = None
+
+    def unavailable(self, need_worker: bool) -> str | None:
+        """Why work cannot be taken now (None: it can)."""
+        if not self.ready:
+            return self.startup_error or "models are still loading; retry shortly"
+        if not self.health.redis_up:
+            return self.health.error or "Redis is unreachable"
+        if need_worker and self.health.workers == 0:
+            return "no worker is available; start `imh worker` processes"
+        return None
 
 
 # Dependencies are `async def`: FastAPI runs plain `def` ones in a thread pool, a hop
@@ -38,17 +56,25 @@ async def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
+def _unavailable(reason: str) -> HTTPException:
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, reason, headers={"Retry-After": "1"})
+
+
 async def get_sampling(state: StateDep) -> SamplingService:
-    if not state.ready:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "models are still loading; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+    if reason := state.unavailable(need_worker=True):
+        raise _unavailable(reason)
     return state.sampling
 
 
+async def get_jobs(state: StateDep) -> JobService:
+    """Jobs need Redis, not a worker: an accepted job waits in the queue for one."""
+    if reason := state.unavailable(need_worker=False):
+        raise _unavailable(reason)
+    return state.jobs
+
+
 SamplingDep = Annotated[SamplingService, Depends(get_sampling)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
 
 
 async def require_admin(

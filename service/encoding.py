@@ -45,3 +45,8 @@ def png_bytes(samples: torch.Tensor, value_range: tuple[float, float] | None) ->
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def sse_frame(event_id: str | int, name: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event; `event_id` is what a client sends back as Last-Event-ID."""
+    return f"id: {event_id}\nevent: {name}\ndata: ".encode() + json_bytes(data) + b"\n\n"

@@ -32,7 +32,8 @@ class ModelNotFound(ServiceError):
 
 
 class ModelConflict(ServiceError):
-    """An upload names a version that exists and did not ask to replace it: 409."""
+    """The request conflicts with what exists: an upload names a version that exists and
+    did not ask to replace it, or a job's result is asked for before it has one: 409."""
 
 
 class BadModelFile(ServiceError):
@@ -51,5 +52,35 @@ class NotReady(ServiceError):
     """Models are still loading: 503."""
 
 
+class Unavailable(ServiceError):
+    """Redis is unreachable or no worker is alive (distributed mode): 503."""
+
+
 class EngineFailure(ServiceError):
     """Model code raised while running this request's chains: 500 with the reason."""
+
+
+# Most specific first: UnsafeModelFile is a BadModelFile.
+STATUS_BY_ERROR: list[tuple[type[ServiceError], int]] = [
+    (InvalidRequest, 422),
+    (ModelNotFound, 404),
+    (ModelConflict, 409),
+    (UnsafeModelFile, 415),
+    (BadModelFile, 400),
+    (QueueFull, 503),
+    (NotReady, 503),
+    (Unavailable, 503),
+    (EngineFailure, 500),
+]
+
+
+def status_of(error: ServiceError) -> int:
+    return next(code for kind, code in STATUS_BY_ERROR if isinstance(error, kind))
+
+
+def error_from(status: int, message: str, field: tuple = ()) -> ServiceError:
+    """The error a worker reported (by status), raised again on the API side."""
+    if status == 422:
+        return InvalidRequest(message, field)
+    kind = next((kind for kind, code in STATUS_BY_ERROR if code == status), EngineFailure)
+    return kind(message)

@@ -90,7 +90,7 @@ def resolve(registry: Registry, body: SampleCreate, seed: int, stream: bool) -> 
         raise InvalidRequest("chains applies to stream mode only", ("params", method, "chains"))
     return Resolved(
         body, generator, discriminator, proposal, proposal_kind,
-        _calibration(discriminator, body.calibration), options,
+        calibration_for(discriminator, body.calibration), options,
         0 if method == "none" and mode == "final" else steps, seed, mode == "stream", chains,
     )  # fmt: skip
 
@@ -127,7 +127,7 @@ def _discriminator(registry: Registry, generator: LoadedModel, body: SampleCreat
     return samples[0]
 
 
-def _calibration(discriminator: LoadedModel | None, requested: str | None) -> str | None:
+def calibration_for(discriminator: LoadedModel | None, requested: str | None) -> str | None:
     if discriminator is None:
         return None
     name = requested or discriminator.manifest.default_calibration or "none"

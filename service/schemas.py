@@ -110,18 +110,33 @@ class SampleCreate(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _route_params(cls, data: Any) -> Any:
-        """Tag params with the method so the right options model validates them."""
-        if not isinstance(data, dict):
-            return data
-        method = data.get("method", "imh")
-        params = data.get("params")
-        if params is None:
-            params = {}
-        if isinstance(params, dict) and "method" in params:
-            raise ValueError("params.method is not an option: set the top-level method")
-        if isinstance(params, dict) and method in METHODS:
-            return {**data, "params": {**params, "method": method}}
-        return {k: v for k, v in data.items() if k != "params"} if method not in METHODS else data
+        return route_params(data)
+
+
+def request_dict(body: BaseModel) -> dict[str, Any]:
+    """A request as JSON-ready data that validates back to an equal request.
+
+    (Dumps carry params.method, which only the validator may set.)
+    """
+    data = body.model_dump(mode="json", exclude_none=True)
+    if isinstance(data.get("params"), dict):
+        data["params"] = {k: v for k, v in data["params"].items() if k != "method"}
+    return data
+
+
+def route_params(data: Any) -> Any:
+    """Tag params with the method so the right options model validates them."""
+    if not isinstance(data, dict):
+        return data
+    method = data.get("method", "imh")
+    params = data.get("params")
+    if params is None:
+        params = {}
+    if isinstance(params, dict) and "method" in params:
+        raise ValueError("params.method is not an option: set the top-level method")
+    if isinstance(params, dict) and method in METHODS:
+        return {**data, "params": {**params, "method": method}}
+    return {k: v for k, v in data.items() if k != "params"} if method not in METHODS else data
 
 
 class SampleStats(BaseModel):

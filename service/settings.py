@@ -68,8 +68,27 @@ class Settings(BaseSettings):
     max_chains: int = Field(4096, ge=1)  # stream mode: concurrent chains of one request
     max_proposals: int = Field(200_000_000, ge=1)  # n (or chains) x steps of one request
 
-    # Distributed mode (API front ends + workers over Redis Streams) is a later issue.
+    # Distributed mode: with redis_url, `imh serve` is a stateless front end and `imh
+    # worker` processes run the models, over Redis Streams (service/distributed/). Without
+    # it, sampling runs in this process and batch jobs use an in-process store.
     redis_url: str | None = None
+    redis_prefix: str = Field("imh", pattern=r"^[A-Za-z0-9_.-]{1,32}$")  # every key starts so
+    worker_slots: int = Field(256, ge=1)  # online requests one worker runs at once
+    worker_shard_slots: int = Field(2, ge=1)  # job shards one worker runs at once
+    # A message neither acknowledged nor refreshed for this long belongs to a dead worker
+    # and is reclaimed by another; after max_deliveries it goes to the dead-letter stream.
+    claim_idle_s: float = Field(30.0, gt=0.0)
+    max_deliveries: int = Field(5, ge=1)
+    heartbeat_s: float = Field(2.0, gt=0.0)  # a worker is gone after 3 missed heartbeats
+    # A stream whose client left keeps running this long, so a reconnect with
+    # Last-Event-ID resumes it; then its chains are freed.
+    stream_lease_s: float = Field(10.0, gt=0.0)
+
+    # Batch jobs (POST /v1/jobs): work is cut into shards that workers share.
+    job_shard_rows: int = Field(4096, ge=1)  # generate: samples per shard
+    filter_shard_rows: int = Field(16384, ge=1)  # filter: candidates per shard
+    max_job_n: int = Field(1_000_000, ge=1)  # samples or candidates per job
+    job_ttl_s: float = Field(7 * 86400.0, gt=0.0)  # a finished job and its result are kept so long
 
     @field_validator("admin_token", mode="before")
     @classmethod

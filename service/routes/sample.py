@@ -7,13 +7,14 @@ import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from service import encoding
 from service.deps import SamplingDep
+from service.distributed.remote import RemoteSampling
 from service.schemas import SampleCreate, SamplePublic
 
 router = APIRouter(prefix="/v1", tags=["sample"])
@@ -105,31 +106,60 @@ async def sample_stream(
     body: SampleCreate, service: SamplingDep, accept: Annotated[str | None, Header()] = None
 ) -> EventStreamResponse:
     resolved = await service.resolve(body, stream=True)
-    events = service.events(resolved)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if isinstance(service, RemoteSampling):  # events carry Redis stream ids: resumable
+        request_id, events = await service.events(resolved)
+        headers["X-IMH-Request-Id"] = request_id
+    else:
+        events = service.events(resolved)
+    return _stream_response(events, accept, headers)
+
+
+@router.get(
+    "/sample/stream/{request_id}",
+    summary="Resume a stream after Last-Event-ID (distributed mode)",
+    response_class=EventStreamResponse,
+    responses={
+        404: {"description": "unknown or expired stream, or embedded mode"},
+        200: {"content": {"text/event-stream": {}}},
+    },
+)
+async def resume_stream(
+    request_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$")],
+    service: SamplingDep,
+    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> EventStreamResponse:
+    if not isinstance(service, RemoteSampling):
+        raise HTTPException(404, "streams resume in distributed mode only (IMH_REDIS_URL)")
+    events = await service.resume(request_id, last_event_id or "0")
+    headers = {"Cache-Control": "no-cache", "X-IMH-Request-Id": request_id}
+    return _stream_response(events, accept, headers)
+
+
+def _stream_response(events, accept: str | None, headers: dict) -> EventStreamResponse:
     ndjson = NDJSON in (accept or "")
-    body_iterator = _ndjson(events) if ndjson else _sse(events)
     return EventStreamResponse(
-        body_iterator,
+        _ndjson(events) if ndjson else _sse(events),
         media_type=NDJSON if ndjson else "text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=headers,
     )
 
 
-async def _sse(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+async def _sse(events: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
+    """Events are (name, data) in-process, (name, data, stream id) from Redis."""
     try:
         index = 0
-        async for name, data in events:
+        async for name, data, *event_id in events:
             index += 1
-            yield (
-                f"id: {index}\nevent: {name}\ndata: ".encode() + encoding.json_bytes(data) + b"\n\n"
-            )
+            yield encoding.sse_frame(event_id[0] if event_id else index, name, data)
     finally:
         await events.aclose()
 
 
 async def _ndjson(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
     try:
-        async for name, data in events:
+        async for name, data, *_ in events:
             yield encoding.json_bytes({"event": name, **data}) + b"\n"
     finally:
         await events.aclose()

@@ -1,0 +1,123 @@
+"""Batch job bodies: `GenerateJobCreate` / `FilterJobCreate` in, `JobPublic` out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.schemas import (
+    _MODEL_REF,
+    _REQUEST,
+    MethodParams,
+    SampleCreate,
+    request_dict,
+    route_params,
+)
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class GenerateJobCreate(BaseModel):
+    """n samples from a generator, post-processed with a method, in final mode."""
+
+    model_config = ConfigDict(
+        **_REQUEST,
+        json_schema_extra={
+            "examples": [
+                {"type": "generate", "generator": "digits", "method": "imh", "n": 20000, "seed": 1}
+            ]
+        },
+    )
+    type: Literal["generate"]
+    generator: Annotated[str, _MODEL_REF]
+    discriminator: Annotated[str, _MODEL_REF] | None = None
+    method: Literal["none", "imh", "drs", "markov", "pcn", "mala"] = "imh"
+    n: int = Field(ge=1, description="samples to produce (limit: IMH_MAX_JOB_N)")
+    steps: int | None = Field(None, ge=1)
+    calibration: str | None = Field(None, max_length=64)
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="same seed and shard size, same samples"
+    )
+    params: MethodParams = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_params(cls, data: Any) -> Any:
+        return route_params(data)
+
+    @model_validator(mode="after")
+    def _final_mode(self) -> GenerateJobCreate:
+        if self.params is not None and self.params.mode == "stream":
+            raise ValueError("jobs run in final mode: one sample per chain")
+        return self
+
+    def shard_request(self, n: int, seed: int) -> SampleCreate:
+        body = {k: v for k, v in request_dict(self).items() if k not in ("type", "n", "seed")}
+        return SampleCreate.model_validate({**body, "n": n, "seed": seed, "format": "npy"})
+
+
+class FilterJobCreate(BaseModel):
+    """Score an uploaded candidate set and keep what an MH chain (or DRS) over it accepts."""
+
+    model_config = ConfigDict(
+        **_REQUEST,
+        json_schema_extra={
+            "examples": [
+                {"type": "filter", "discriminator": "digits-d", "method": "imh", "seed": 0}
+            ]
+        },
+    )
+    type: Literal["filter"]
+    discriminator: Annotated[str, _MODEL_REF]
+    calibration: str | None = Field(None, max_length=64)
+    method: Literal["imh", "drs"] = "imh"
+    chain_length: int | None = Field(
+        None, ge=1, description="imh: candidates per independent chain (default: one chain "
+        "over the whole set); each chain starts at its first candidate",
+    )  # fmt: skip
+    gamma: float | None = Field(None, description="drs: shift of F; 0 (default) is exact")
+    gamma_percentile: float | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _method_options(self) -> FilterJobCreate:
+        if self.method == "imh" and (self.gamma is not None or self.gamma_percentile is not None):
+            raise ValueError("gamma and gamma_percentile apply to method drs")
+        if self.method == "drs" and self.chain_length is not None:
+            raise ValueError("chain_length applies to method imh")
+        if self.gamma is not None and self.gamma_percentile is not None:
+            raise ValueError("give gamma or gamma_percentile, not both")
+        return self
+
+
+JobCreate = Annotated[GenerateJobCreate | FilterJobCreate, Field(discriminator="type")]
+
+
+class JobCounts(BaseModel):
+    shards: int
+    shards_done: int
+    items: int = Field(description="samples (generate) or candidates (filter) in the job")
+    items_done: int = Field(description="samples produced or candidates scored so far")
+    proposals: int = Field(description="generate: proposals evaluated; filter: candidates")
+    accepted: int = Field(description="generate: accepted proposals; filter: accepted candidates")
+    acceptance_rate: float | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    type: Literal["generate", "filter"]
+    state: JobState
+    progress: float = Field(ge=0, le=1, description="finished shards / shards")
+    counts: JobCounts
+    created_at: float = Field(description="Unix time")
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    spec: dict[str, Any] = Field(description="the job as submitted, seed filled in")
+    result: str | None = Field(description="where to GET the result once succeeded")
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]

@@ -1,0 +1,188 @@
+"""The API side of batch jobs: check a job, cut it into shards, submit, read it back.
+
+Everything a job needs is checked here, before it is accepted, so a job that is
+accepted can run: models and options are resolved exactly as a sampling request of
+one shard would be, and uploaded candidates must match the discriminator's inputs.
+Routes turn the `service.errors` types into statuses.
+
+Example:
+    >>> job = await jobs.create_generate(GenerateJobCreate(type="generate", generator="toy25",
+    ...                                                      n=10_000))
+    >>> job["state"], job["counts"]["shards"]
+    ('queued', 3)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from service.batch.schemas import FilterJobCreate, GenerateJobCreate
+from service.batch.shards import filter_log_ratio, shard_sizes
+from service.batch.store import FILTER_ARRAYS, JobStore
+from service.errors import InvalidRequest, ModelConflict, ModelNotFound
+from service.metrics import Metrics
+from service.registry import Registry
+from service.sampling import SamplingService
+from service.schemas import request_dict
+from service.settings import Settings
+
+NPY_MAGIC = b"\x93NUMPY"
+CANDIDATE_NAMES = ("candidates", "samples", "x")  # tensor names tried in a .safetensors file
+
+
+class JobNotFound(ModelNotFound):
+    """No job has this id (or it has expired): 404."""
+
+
+class JobConflict(ModelConflict):
+    """The job is not in a state that allows this (result of an unfinished job): 409."""
+
+
+class JobService:
+    def __init__(
+        self,
+        store: JobStore,
+        registry: Registry,
+        sampling: SamplingService,
+        settings: Settings,
+        metrics: Metrics,
+    ):
+        self.store, self.registry, self.sampling = store, registry, sampling
+        self.settings, self.metrics = settings, metrics
+
+    async def create_generate(self, spec: GenerateJobCreate) -> dict[str, Any]:
+        _limit(spec.n, self.settings.max_job_n, ("n",))
+        if spec.seed is None:
+            spec = spec.model_copy(update={"seed": secrets.randbits(63)})
+        rows = self.settings.job_shard_rows
+        probe = spec.shard_request(min(spec.n, rows), spec.seed)  # what every shard will run
+        resolved = await self.sampling.resolve(probe, stream=False)
+        sizes = shard_sizes(spec.n, rows)
+        shape = tuple(resolved.generator.manifest.sample_shape)
+        job_id = await self.store.create("generate", request_dict(spec), spec.n, sizes, shape)
+        self.metrics.jobs_submitted.labels("generate").inc()
+        return await self.get(job_id)
+
+    async def create_filter(self, spec: FilterJobCreate, upload: IO[bytes]) -> dict[str, Any]:
+        if spec.seed is None:
+            spec = spec.model_copy(update={"seed": secrets.randbits(63)})
+        log_ratio = filter_log_ratio(self.registry, spec)
+        discriminator = self.registry.get(spec.discriminator, kind="discriminator")
+        generator = self.registry.get(discriminator.manifest.generator, kind="generator")
+        shape = tuple(generator.manifest.sample_shape)
+        candidates = await asyncio.to_thread(read_candidates, upload)
+        if candidates.shape[1:] != shape:
+            raise InvalidRequest(
+                f"candidates have shape {tuple(candidates.shape)}; {discriminator.ref} scores "
+                f"samples of shape {shape} (so (N, {', '.join(map(str, shape))}))",
+                ("candidates",),
+            )
+        _limit(len(candidates), self.settings.max_job_n, ("candidates",), "candidates")
+        if not np.isfinite(candidates).all():
+            raise InvalidRequest("candidates contain NaN or infinite values", ("candidates",))
+        await asyncio.to_thread(_smoke_test, log_ratio, candidates[:2], self.registry.device)
+        sizes = shard_sizes(len(candidates), self.settings.filter_shard_rows)
+        bounds = np.cumsum([0, *sizes])
+        inputs = [candidates[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        job_id = await self.store.create(
+            "filter", request_dict(spec), len(candidates), sizes,
+            shape, inputs,
+        )  # fmt: skip
+        self.metrics.jobs_submitted.labels("filter").inc()
+        return await self.get(job_id)
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        job = await self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
+        return job
+
+    async def list(self, limit: int, state: str | None) -> list[dict[str, Any]]:
+        return await self.store.list(limit, state)
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job = await self.store.cancel(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
+        return job
+
+    async def result(self, job_id: str, array: str | None, safetensors: bool):
+        job = await self.get(job_id)
+        if job["state"] != "succeeded":
+            raise JobConflict(
+                f"job {job_id} is {job['state']}; its result exists once it has succeeded"
+            )
+        if array is not None:
+            allowed = FILTER_ARRAYS if job["type"] == "filter" else ("samples",)
+            if array not in allowed:
+                raise InvalidRequest(
+                    f"a {job['type']} job's result has arrays {list(allowed)}", ("array",)
+                )
+            if job["type"] == "generate":
+                array = None
+        return await self.store.result(job, array, safetensors)
+
+    async def update_gauges(self) -> None:
+        counts = await self.store.state_counts()
+        gauge = self.metrics.jobs
+        for job_type in ("generate", "filter"):
+            for state in ("queued", "running", "succeeded", "failed", "cancelled"):
+                gauge.labels(job_type, state).set(counts.get((job_type, state), 0))
+
+
+def read_candidates(upload: IO[bytes]) -> np.ndarray:
+    """An (N, ...) float32 array from .npy or .safetensors bytes (format from the content)."""
+    upload.seek(0)
+    head = upload.read(8)
+    upload.seek(0)
+    try:
+        if head.startswith(NPY_MAGIC):
+            array = np.load(upload, allow_pickle=False)
+        else:
+            from safetensors.numpy import load
+
+            tensors = load(upload.read())
+            if len(tensors) == 1:
+                [array] = tensors.values()
+            else:
+                name = next((n for n in CANDIDATE_NAMES if n in tensors), None)
+                if name is None:
+                    raise ValueError(
+                        f"the file holds {sorted(tensors)}; name the candidates one of "
+                        f"{list(CANDIDATE_NAMES)}"
+                    )
+                array = tensors[name]
+    except (ValueError, OSError, EOFError) as error:
+        raise InvalidRequest(
+            f"candidates must be a .npy (np.save) or .safetensors file: {error}", ("candidates",)
+        ) from None
+    if array.ndim < 2 or len(array) == 0:
+        raise InvalidRequest(
+            f"candidates must be a non-empty (N, ...) array, got shape {array.shape}",
+            ("candidates",),
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InvalidRequest(f"candidates must be numbers, got {array.dtype}", ("candidates",))
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _smoke_test(log_ratio, candidates: np.ndarray, device: torch.device) -> None:
+    try:
+        with torch.inference_mode():
+            out = log_ratio(torch.from_numpy(candidates.copy()).to(device))
+        if tuple(out.shape) != (len(candidates),):
+            raise ValueError(f"one score per candidate expected, got shape {tuple(out.shape)}")
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise InvalidRequest(
+            f"the discriminator cannot score these candidates: {error}", ("candidates",)
+        ) from None
+
+
+def _limit(value: int, limit: int, field: tuple, what: str | None = None) -> None:
+    if value > limit:
+        raise InvalidRequest(f"{what or field[-1]} must be <= {limit} (got {value})", field)

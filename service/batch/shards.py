@@ -1,0 +1,132 @@
+"""The worker side of batch jobs: run one shard, and finish a filter job.
+
+A generate shard is an ordinary final-mode sampling request (n = its rows, its own seed)
+that goes through the worker's engine, so shards of several jobs and online requests
+share batches. A filter shard scores its candidates with the calibrated discriminator.
+When a filter job's last shard is written, the worker that sees it runs the chain (or
+DRS) over all scores at once (samplers/finite.py): exact over the whole set, whatever
+the sharding, and cheap next to the scoring.
+
+Shard seeds derive from the job's seed and the shard number, so a redelivered shard
+reproduces the same output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from samplers.finite import drs_filter, mh_filter
+from service import methods
+from service.batch.schemas import FilterJobCreate, GenerateJobCreate
+from service.batch.store import JobStore
+from service.errors import InvalidRequest
+from service.metrics import Metrics
+from service.registry import Registry
+from service.sampling import SamplingService
+
+log = logging.getLogger("imh.shards")
+SCORE_ROWS = 4096  # candidates per discriminator call
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    return int(np.random.SeedSequence([seed, shard]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def shard_sizes(n: int, rows: int) -> list[int]:
+    return [min(rows, n - first) for first in range(0, n, rows)]
+
+
+class ShardRunner:
+    def __init__(
+        self, store: JobStore, sampling: SamplingService, registry: Registry, metrics: Metrics
+    ):
+        self.store, self.sampling, self.registry, self.metrics = store, sampling, registry, metrics
+
+    async def run(self, job_id: str, shard: int) -> tuple[str, str]:
+        """Run a shard (unless done already); returns (job type, outcome) for the metrics.
+
+        Raises ServiceError when the job cannot run (the caller fails the job).
+        """
+        job = await self.store.start_shard(job_id)
+        if job is None:
+            return "unknown", "cancelled"
+        job_type = job["type"]
+        if await self.store.is_done(job_id, shard):
+            outcome, last = "duplicate", job["counts"]["shards_done"] == job["counts"]["shards"]
+        else:
+            if job_type == "generate":
+                output, proposals, accepted = await self._generate(job, shard)
+            else:
+                output, proposals, accepted = await self._score(job, shard)
+            outcome, last = await self.store.complete_shard(
+                job_id, shard, output, proposals, accepted
+            )
+            if outcome == "done":
+                self.metrics.job_items.labels(job_type).inc(len(output))
+        if job_type == "filter" and last and outcome != "ignored":
+            await self._finish_filter(job)
+        return job_type, outcome
+
+    async def _generate(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:
+        spec = GenerateJobCreate.model_validate(job["spec"])
+        rows = job["shard_sizes"][shard]
+        body = spec.shard_request(rows, shard_seed(spec.seed, shard))
+        resolved = await self.sampling.resolve(body, stream=False)
+        samples, stats = await self.sampling.sample(resolved)
+        return samples.float().numpy(), stats["proposals"], stats["accepted"]
+
+    async def _score(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:
+        spec = FilterJobCreate.model_validate(job["spec"])
+        candidates = await self.store.shard_input(job["id"], shard)
+        log_ratio = filter_log_ratio(self.registry, spec)
+        device = self.registry.device
+
+        def score() -> np.ndarray:
+            out = []
+            with torch.inference_mode():
+                for first in range(0, len(candidates), SCORE_ROWS):
+                    x = torch.from_numpy(candidates[first : first + SCORE_ROWS].copy()).to(device)
+                    out.append(log_ratio(x).float().cpu())
+            return torch.cat(out).numpy()
+
+        scores = await asyncio.to_thread(score)
+        return scores, len(candidates), 0
+
+    async def _finish_filter(self, job: dict[str, Any]) -> None:
+        spec = FilterJobCreate.model_validate(job["spec"])
+        parts = [
+            await self.store.shard_output(job["id"], k) for k in range(job["counts"]["shards"])
+        ]
+        log_ratio = np.concatenate(parts).astype(np.float64)
+        if spec.method == "imh":
+            result = mh_filter(log_ratio, spec.chain_length or len(log_ratio), spec.seed)
+        else:
+            result = drs_filter(
+                log_ratio, spec.seed, gamma=spec.gamma, gamma_percentile=spec.gamma_percentile
+            )
+        arrays = {
+            "indices": np.flatnonzero(result.accepted).astype(np.int64),
+            "scores": (1.0 / (1.0 + np.exp(-log_ratio))).astype(np.float32),
+            "log_ratio": log_ratio.astype(np.float32),
+            "final": np.asarray(result.final, dtype=np.int64),
+        }
+        accepted = int(result.accepted.sum())
+        await self.store.finish_filter(job["id"], arrays, accepted, len(log_ratio))
+
+
+def filter_log_ratio(registry: Registry, spec: FilterJobCreate):
+    """The calibrated log-ratio function of a filter job's discriminator (ServiceError if
+    it cannot be used: unknown, a pair discriminator, an unknown calibration)."""
+    discriminator = registry.get(spec.discriminator, kind="discriminator")
+    if discriminator.manifest.input != "sample":
+        raise InvalidRequest(
+            f"{discriminator.ref} is a pair discriminator d(x, y); filtering needs D(x)",
+            ("discriminator",),
+        )
+    calibration = methods.calibration_for(discriminator, spec.calibration)
+    return methods.calibrated_logit(discriminator, calibration)

@@ -1,0 +1,357 @@
+"""A batch job's life in Redis (key names: service/distributed/keys.py).
+
+Creation writes, in one transaction, the job hash, its index entries, a `state` event,
+the shards' inputs (filter) and one work message per shard. Workers move the job to
+running, write each shard's output exactly once (`complete_shard` checks the done set
+under WATCH, so a redelivered shard is recognised as a duplicate and changes nothing),
+and the last shard ends the job (generate) or lets the worker finish it (filter:
+`finish_filter`). Every change appends an event; SSE clients read the events with the
+stream ids as event ids. A finished job and everything it owns expire after
+IMH_JOB_TTL_S.
+
+Example:
+    >>> job_id = await store.create("generate", spec, n=10_000, shard_sizes=[4096, 4096, 1808],
+    ...                             sample_shape=(2,))
+    >>> (await store.get(job_id))["state"]
+    'queued'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from redis.exceptions import WatchError
+
+from service.batch.schemas import TERMINAL
+from service.distributed.codec import npy_header, pack, safetensors_header, unpack
+from service.distributed.connection import BLOCK_MS, Broker
+from service.distributed.keys import JOBS
+
+SAMPLES = "samples"
+FILTER_ARRAYS = ("indices", "scores", "log_ratio", "final")  # the first is the default
+_HASH_INTS = ("shards", "items", "proposals", "accepted")
+
+
+class JobStore:
+    def __init__(self, broker: Broker, ttl_s: float):
+        self.broker, self.redis, self.keys = broker, broker.redis, broker.keys
+        self.ttl = int(ttl_s)
+
+    # API side ------------------------------------------------------------------------
+
+    async def create(
+        self,
+        job_type: str,
+        spec: dict[str, Any],
+        n: int,
+        shard_sizes: list[int],
+        sample_shape: tuple[int, ...],
+        inputs: list[np.ndarray] | None = None,
+    ) -> str:
+        job_id = secrets.token_hex(12)
+        keys, now = self.keys, time.time()
+        fields = {
+            "id": job_id, "type": job_type, "state": "queued", "spec": json.dumps(spec),
+            "shards": len(shard_sizes), "shard_sizes": json.dumps(shard_sizes), "items": n,
+            "sample_shape": json.dumps(list(sample_shape)), "proposals": 0, "accepted": 0,
+            "created_at": now,
+        }  # fmt: skip
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.zadd(keys.jobs, {job_id: now})
+            pipe.hset(keys.job_states, job_id, f"{job_type}:queued")
+            self._event(pipe, job_id, "state", {"state": "queued"})
+            for shard, array in enumerate(inputs or []):
+                pipe.hset(keys.job_input(job_id, shard), mapping=pack(array))
+            for shard in range(len(shard_sizes)):
+                pipe.xadd(keys.work(JOBS), {"kind": "shard", "job": job_id, "shard": shard})
+            await pipe.execute()
+        return job_id
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        done = await self.redis.smembers(self.keys.job_done(job_id))
+        return _decode(raw, {int(k) for k in done})
+
+    async def list(self, limit: int, state: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; ids whose job has expired are pruned from the index."""
+        keys, found = self.keys, []
+        start = 0
+        while len(found) < limit:
+            ids = [i.decode() for i in await self.redis.zrevrange(keys.jobs, start, start + 99)]
+            if not ids:
+                break
+            start += len(ids)
+            for job_id in ids:
+                job = await self.get(job_id)
+                if job is None:
+                    await self.redis.zrem(keys.jobs, job_id)
+                    await self.redis.hdel(keys.job_states, job_id)
+                elif state in (None, job["state"]):
+                    found.append(job)
+        return found[:limit]
+
+    async def state_counts(self) -> dict[tuple[str, str], int]:
+        """(type, state) -> jobs, for the imh_jobs gauge."""
+        counts: dict[tuple[str, str], int] = {}
+        for value in (await self.redis.hgetall(self.keys.job_states)).values():
+            job_type, _, state = value.decode().partition(":")
+            counts[job_type, state] = counts.get((job_type, state), 0) + 1
+        return counts
+
+    async def cancel(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel unless finished; returns the job as it now is (None: no such job)."""
+        await self._end(job_id, "cancelled", None, only_if=("queued", "running"))
+        return await self.get(job_id)
+
+    async def events(self, job_id: str, after: str = "0") -> AsyncIterator[tuple[str, str, dict]]:
+        """(event id, name, data) after `after`, until the job's last event."""
+        key = self.keys.job_events(job_id)
+        while True:
+            reply = await self.redis.xread({key: after}, count=100, block=BLOCK_MS)
+            if not reply:
+                state = await self.redis.hget(self.keys.job(job_id), "state")
+                if state is None or state.decode() in TERMINAL:
+                    # Finished, and nothing newer than `after`: the client has every event.
+                    tail = await self.redis.xrevrange(key, count=1)
+                    if not tail or _order(_text(tail[0][0])) <= _order(after):
+                        return
+                elif self.broker.poll_s:
+                    await asyncio.sleep(self.broker.poll_s)
+                continue
+            for event_id, fields in reply[0][1]:
+                after = _text(event_id)
+                name, data = fields[b"event"].decode(), json.loads(fields[b"data"])
+                yield after, name, data
+                if name == "state" and data["state"] in TERMINAL:
+                    return
+
+    async def result(self, job: dict[str, Any], array: str | None, safetensors: bool):
+        """(media type, byte chunks) of a succeeded job's result, streamed from Redis."""
+        job_id, keys = job["id"], self.keys
+        if job["type"] == "generate":
+            shape = (job["counts"]["items"], *job["sample_shape"])
+            dtype = np.dtype(np.float32)
+            header = (
+                safetensors_header([(SAMPLES, dtype, shape)]) if safetensors
+                else npy_header(dtype, shape)
+            )  # fmt: skip
+            pieces = [(keys.job_output(job_id, k), "data") for k in range(job["counts"]["shards"])]
+        else:
+            names = list(FILTER_ARRAYS) if safetensors else [array or FILTER_ARRAYS[0]]
+            metas = []
+            for name in names:
+                dtype, shape = await self.redis.hmget(
+                    keys.job_result(job_id, name), "dtype", "shape"
+                )
+                metas.append((name, np.dtype(dtype.decode()), _shape(shape)))
+            header = safetensors_header(metas) if safetensors else npy_header(*metas[0][1:])
+            pieces = [(keys.job_result(job_id, name), "data") for name in names]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield header
+            for key, field in pieces:
+                data = await self.redis.hget(key, field)
+                if data is None:
+                    raise RuntimeError(f"job {job_id}: {key} has expired")
+                yield data
+
+        return chunks()
+
+    # Worker side ---------------------------------------------------------------------
+
+    async def start_shard(self, job_id: str) -> dict[str, Any] | None:
+        """The job, moved to running if it was queued; None if it is gone or finished."""
+        job_key = self.keys.job(job_id)
+
+        async def body(pipe) -> tuple[Any, bool]:
+            state, job_type = await pipe.hmget(job_key, "state", "type")
+            if state is None or state.decode() in TERMINAL:
+                return None, False
+            if state.decode() == "queued":
+                pipe.multi()
+                self._set_state(pipe, job_id, job_type.decode(), "running", started_at=time.time())
+                return True, True
+            return True, False
+
+        if await self._transact([job_key], body) is None:
+            return None
+        return await self.get(job_id)
+
+    async def shard_input(self, job_id: str, shard: int) -> np.ndarray:
+        fields = await self.redis.hgetall(self.keys.job_input(job_id, shard))
+        if not fields:
+            raise LookupError(f"job {job_id}: the input of shard {shard} is gone")
+        return unpack(fields)
+
+    async def shard_output(self, job_id: str, shard: int) -> np.ndarray:
+        return unpack(await self.redis.hgetall(self.keys.job_output(job_id, shard)))
+
+    async def is_done(self, job_id: str, shard: int) -> bool:
+        return bool(await self.redis.sismember(self.keys.job_done(job_id), shard))
+
+    async def complete_shard(
+        self, job_id: str, shard: int, output: np.ndarray, proposals: int, accepted: int
+    ) -> tuple[str, bool]:
+        """Write a shard's output once. Returns (outcome, all shards done).
+
+        outcome: "done" (this call wrote it), "duplicate" (already written: a
+        redelivery), "ignored" (the job is gone or finished).
+        """
+        keys = self.keys
+        job_key, done_key = keys.job(job_id), keys.job_done(job_id)
+
+        async def body(pipe) -> tuple[Any, bool]:
+            job = await pipe.hmget(job_key, "state", "type", "shards", "shard_sizes")
+            if job[0] is None or job[0].decode() in TERMINAL:
+                return ("ignored", False), False
+            shards, sizes = int(job[2]), json.loads(job[3])
+            done = {int(k) for k in await pipe.smembers(done_key)}
+            if shard in done:
+                return ("duplicate", len(done) == shards), False
+            done.add(shard)
+            pipe.multi()
+            pipe.hset(keys.job_output(job_id, shard), mapping=pack(output))
+            pipe.sadd(done_key, shard)
+            pipe.hincrby(job_key, "proposals", proposals)
+            pipe.hincrby(job_key, "accepted", accepted)
+            items_done = sum(sizes[k] for k in done)
+            self._event(pipe, job_id, "progress", {
+                "progress": len(done) / shards, "shards_done": len(done), "shards": shards,
+                "items_done": items_done, "items": sum(sizes),
+            })  # fmt: skip
+            if len(done) == shards and job[1].decode() == "generate":
+                self._finish(pipe, job_id, "generate", shards, "succeeded", None)
+            return ("done", len(done) == shards), True
+
+        return await self._transact([job_key, done_key], body)
+
+    async def finish_filter(
+        self, job_id: str, arrays: dict[str, np.ndarray], accepted: int, proposals: int
+    ) -> bool:
+        """Store a filter job's result and end it; False if it had ended already."""
+        job_key = self.keys.job(job_id)
+
+        async def body(pipe) -> tuple[Any, bool]:
+            state, shards = await pipe.hmget(job_key, "state", "shards")
+            if state is None or state.decode() != "running":
+                return False, False
+            pipe.multi()
+            for name, array in arrays.items():
+                pipe.hset(self.keys.job_result(job_id, name), mapping=pack(array))
+            pipe.hset(job_key, mapping={"accepted": accepted, "proposals": proposals})
+            self._finish(pipe, job_id, "filter", int(shards), "succeeded", None)
+            return True, True
+
+        return await self._transact([job_key], body)
+
+    async def fail(self, job_id: str, error: str) -> None:
+        await self._end(job_id, "failed", error, only_if=("queued", "running"))
+
+    # Helpers -------------------------------------------------------------------------
+
+    async def _end(self, job_id: str, state: str, error: str | None, only_if: tuple) -> None:
+        job_key = self.keys.job(job_id)
+
+        async def body(pipe) -> tuple[Any, bool]:
+            current, job_type, shards = await pipe.hmget(job_key, "state", "type", "shards")
+            if current is None or current.decode() not in only_if:
+                return None, False
+            pipe.multi()
+            self._finish(pipe, job_id, job_type.decode(), int(shards), state, error)
+            return None, True
+
+        await self._transact([job_key], body)
+
+    def _finish(
+        self, pipe, job_id: str, job_type: str, shards: int, state: str, error: str | None
+    ) -> None:
+        """Queue the commands that end a job: state, event, inputs dropped, expiry."""
+        keys = self.keys
+        extra: dict[str, Any] = {"finished_at": time.time()}
+        if error is not None:
+            extra["error"] = error
+        self._set_state(pipe, job_id, job_type, state, **extra)
+        owned = [keys.job(job_id), keys.job_events(job_id), keys.job_done(job_id)]
+        owned += [keys.job_output(job_id, k) for k in range(shards)]
+        owned += [keys.job_result(job_id, name) for name in FILTER_ARRAYS]
+        for key in owned:
+            pipe.expire(key, self.ttl)
+        for k in range(shards):
+            pipe.delete(keys.job_input(job_id, k))
+
+    def _set_state(self, pipe, job_id: str, job_type: str, state: str, **extra: Any) -> None:
+        pipe.hset(self.keys.job(job_id), mapping={"state": state, **extra})
+        pipe.hset(self.keys.job_states, job_id, f"{job_type}:{state}")
+        self._event(pipe, job_id, "state", {"state": state, **extra})
+
+    def _event(self, pipe, job_id: str, name: str, data: dict[str, Any]) -> None:
+        pipe.xadd(self.keys.job_events(job_id), {"event": name, "data": json.dumps(data)})
+
+    async def _transact(self, watch: list[str], body: Callable[[Any], Awaitable[tuple[Any, bool]]]):
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*watch)
+                    value, wrote = await body(pipe)
+                    if wrote:
+                        await pipe.execute()
+                    else:
+                        await pipe.unwatch()
+                    return value
+                except WatchError:
+                    continue
+
+
+def _decode(raw: dict[bytes, bytes], done: set[int]) -> dict[str, Any]:
+    job = {k.decode(): v.decode() for k, v in raw.items()}
+    sizes = json.loads(job["shard_sizes"])
+    counts = {name: int(job[name]) for name in _HASH_INTS}
+    proposals, accepted = counts["proposals"], counts["accepted"]
+    number = lambda name: float(job[name]) if name in job else None  # noqa: E731
+    job_id = job["id"]
+    return {
+        "id": job_id,
+        "type": job["type"],
+        "state": job["state"],
+        "progress": 1.0 if job["state"] == "succeeded" else len(done) / max(len(sizes), 1),
+        "counts": {
+            "shards": len(sizes),
+            "shards_done": len(done),
+            "items": counts["items"],
+            "items_done": sum(sizes[k] for k in done if k < len(sizes)),
+            "proposals": proposals,
+            "accepted": accepted,
+            "acceptance_rate": accepted / proposals if proposals else None,
+        },  # fmt: skip
+        "created_at": float(job["created_at"]),
+        "started_at": number("started_at"),
+        "finished_at": number("finished_at"),
+        "error": job.get("error"),
+        "spec": json.loads(job["spec"]),
+        "result": f"/v1/jobs/{job_id}/result" if job["state"] == "succeeded" else None,
+        "sample_shape": json.loads(job["sample_shape"]),
+        "shard_sizes": sizes,
+    }
+
+
+def _order(stream_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = stream_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _shape(value: bytes) -> tuple[int, ...]:
+    text = value.decode()
+    return tuple(int(n) for n in text.split(",")) if text else ()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
