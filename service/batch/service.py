@@ -157,7 +157,7 @@ def read_candidates(upload: IO[bytes]) -> np.ndarray:
                         f"{list(CANDIDATE_NAMES)}"
                     )
                 array = tensors[name]
-    except (ValueError, OSError, EOFError) as error:
+    except Exception as error:  # noqa: BLE001 - any parse failure of untrusted bytes is a 422
         raise InvalidRequest(
             f"candidates must be a .npy (np.save) or .safetensors file: {error}", ("candidates",)
         ) from None
