@@ -181,7 +181,7 @@ def test_redis_persists_its_data():
     redis = SERVICES["redis"]
     argv = command("redis")
     assert argv[argv.index("--appendonly") + 1] == "yes"
-    assert ("volume", "redis-data", "/data") in [(k, s, t) for k, s, t in mounts("redis")]
+    assert ("volume", "redis-data", "/data") in mounts("redis")
     assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
 
 
