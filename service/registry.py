@@ -107,6 +107,14 @@ class Registry:
                 log.error("skipped model %s/%s: %s", name, version, message)
         return loaded
 
+    def load_one(self, root: Path, name: str, version: str, source: str) -> LoadedModel:
+        """(Re)load one <root>/<name>/<version>/ folder, e.g. after another process wrote it."""
+        if not (_NAME.match(name) and _NAME.match(version)):
+            raise BadModelFile(f"name and version must match {NAME_PATTERN}")
+        model = load_model(root / name / version, name, version, source, self.device)
+        self._put(model)
+        return model
+
     def install(
         self, store: Path, name: str, version: str | None, files: dict[str, Path], replace: bool
     ) -> LoadedModel:

@@ -4,6 +4,7 @@ Work:        {p}:work:online, {p}:work:jobs    streams read by the consumer grou
              {p}:dead                          dead-letter stream
 Requests:    {p}:req:{id}                      events of one online request (SSE ids)
              {p}:req:{id}:lease                exists while a client wants the request
+Models:      {p}:models                        pub/sub: a model was uploaded or deleted
 Workers:     {p}:workers                       set of worker names
              {p}:worker:{name}                 heartbeat (expires), JSON about the worker
 Jobs:        {p}:jobs                          sorted set: job id by creation time
@@ -41,6 +42,10 @@ class Keys:
 
     def lease(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}:lease"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
 
     @property
     def workers(self) -> str:

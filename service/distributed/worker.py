@@ -83,6 +83,8 @@ class Worker:
     async def run(self) -> None:
         """Consume until cancelled or `stop()`."""
         loops = [self._consume(ONLINE), self._consume(JOBS), self._reclaim(), self._keepalive()]
+        if not self.broker.embedded:  # the API process of embedded mode has the models
+            loops.append(self._follow_models())
         await asyncio.gather(*loops)
 
     async def stop(self, drain_s: float = 10.0) -> None:
@@ -166,6 +168,22 @@ class Worker:
             except (RedisError, OSError) as error:
                 self._redis_down(error)
             await asyncio.sleep(min(1.0, self.settings.heartbeat_s, self.settings.claim_idle_s / 3))
+
+    async def _follow_models(self) -> None:
+        """Load or drop models the API announces (uploads land in the shared model store)."""
+        registry, store = self.sampling.registry, self.settings.model_store.resolve()
+        while not self._stopping.is_set():
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.models)
+                    async for message in pubsub.listen():
+                        if message["type"] != "message":
+                            continue
+                        change = json.loads(message["data"])
+                        await asyncio.to_thread(_apply_model_change, registry, store, change)
+            except (RedisError, OSError) as error:
+                self._redis_down(error)
+                await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
         info = {
@@ -341,6 +359,20 @@ class Worker:
         if self.redis_ok:
             log.warning("Redis is unreachable: %s", error)
         self.redis_ok = False
+
+
+def _apply_model_change(registry: Any, store: Any, change: dict[str, str]) -> None:
+    name, version = change["name"], change["version"]
+    try:
+        if change["op"] == "install":
+            registry.load_one(store, name, version, "store")
+        else:
+            registry.remove(name, version)
+        log.info("model %s:%s: %s", name, version, change["op"])
+    except ServiceError as error:  # not in this worker's store, or already gone
+        log.warning("model %s:%s: cannot %s here: %s", name, version, change["op"], error.message)
+    except Exception as error:  # noqa: BLE001 - a bad model must not stop the worker
+        log.error("model %s:%s: cannot %s here: %s", name, version, change["op"], error)
 
 
 def _entry(name: str, data: Any, total: int, array: np.ndarray | None = None) -> dict[str, Any]:

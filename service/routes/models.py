@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -14,6 +17,8 @@ from service.deps import AdminDep, StateDep
 from service.loading import LoadedModel
 from service.registry import Registry
 from service.schemas import ModelPublic, ModelsPublic, ModelVersionsPublic
+
+log = logging.getLogger("imh.models")
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 MAX_FILES = 16
@@ -136,6 +141,7 @@ async def upload_model(request: Request, state: StateDep, _admin: AdminDep) -> M
             )
     finally:
         await form.close()
+    await _announce(state, "install", model.name, model.version)
     return public(model, state.registry)
 
 
@@ -151,8 +157,20 @@ async def delete_model(
     store = state.settings.model_store if purge else None
     registry = state.registry
     model = await run_in_threadpool(registry.remove, name, version, store)
+    await _announce(state, "remove", name, version)
     result = public(model, registry)
     return result.model_copy(update={"latest": False})
+
+
+async def _announce(state: StateDep, op: str, name: str, version: str) -> None:
+    """Distributed mode: workers sharing IMH_MODEL_STORE load or drop the model too."""
+    if not state.distributed:
+        return
+    message = json.dumps({"op": op, "name": name, "version": version})
+    try:
+        await state.broker.redis.publish(state.broker.keys.models, message)
+    except (RedisError, OSError) as error:
+        log.warning("could not tell the workers about %s %s:%s: %s", op, name, version, error)
 
 
 def _text(value: Any, field: str) -> str:

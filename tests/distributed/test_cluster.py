@@ -264,3 +264,41 @@ def _event_lines(lines) -> list[tuple[str, str, dict]]:
         if not line and len(block) > 1:
             break
     return sse(block)
+
+
+def test_an_uploaded_model_reaches_the_workers_that_share_the_store(redis_url, tmp_path):
+    from tests.service.test_models import (
+        DISCRIMINATOR_MANIFEST,
+        GENERATOR_MANIFEST,
+        program_bytes,
+        upload,
+    )
+    from tests.service.toy_models import MLP, seeded
+
+    token = "a-long-enough-admin-token"
+    env = cluster_env(redis_url, IMH_MODEL_STORE=str(tmp_path / "store"), IMH_ZOO="0",
+                      IMH_ADMIN_TOKEN=token)  # fmt: skip
+    small = Cluster(env, tmp_path)
+    try:
+        admin = {"authorization": f"Bearer {token}"}
+        generator = program_bytes(seeded(MLP, [2, 8, 2], (2,)), torch.randn(4, 2))
+        discriminator = program_bytes(seeded(MLP, [2, 8, 1]), torch.randn(4, 2))
+        for name, manifest, files in [
+            ("mygan", GENERATOR_MANIFEST, {"generator.pt2": generator}),
+            ("mygan-d", DISCRIMINATOR_MANIFEST, {"discriminator.pt2": discriminator}),
+        ]:
+            created = upload(small.client, admin, name, manifest, files)
+            assert created.status_code == 201, created.text
+        body = {"generator": "mygan", "n": 8, "steps": 5, "seed": 0}
+        deadline = time.monotonic() + 20
+        while (answer := small.client.post("/v1/sample", json=body)).status_code == 404:
+            assert time.monotonic() < deadline, answer.text  # the worker loads it on notice
+            time.sleep(0.1)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["stats"]["generator"] == "mygan:1"
+        removed = small.client.delete("/v1/models/mygan-d/1", headers=admin)
+        assert removed.status_code == 200
+        gone = small.client.post("/v1/sample", json=body)  # the API no longer knows it
+        assert gone.status_code in (404, 422), gone.text
+    finally:
+        small.close()
