@@ -1,0 +1,93 @@
+"""Batch jobs in embedded mode (no Redis server): the same API as distributed mode, run
+by the API process's own worker over the in-process store."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+
+from tests.service.conftest import metric
+
+
+def wait(client, job_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
+def test_a_generate_job_runs_in_process_and_matches_its_seed(client):
+    spec = {"type": "generate", "generator": "toy25", "method": "drs", "n": 5000, "seed": 7,
+            "params": {"gamma": 0.0}}  # fmt: skip
+    created = client.post("/v1/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    assert created.headers["Location"] == f"/v1/jobs/{created.json()['id']}"
+    job = wait(client, created.json()["id"])
+    assert job["state"] == "succeeded" and job["progress"] == 1.0
+    assert job["counts"]["shards"] == 2 and job["counts"]["items_done"] == 5000
+    assert 0 < job["counts"]["acceptance_rate"] < 1
+    samples = np.load(io.BytesIO(client.get(job["result"]).content), allow_pickle=False)
+    assert samples.shape == (5000, 2) and samples.dtype == np.float32
+    tensors = load_safetensors(
+        client.get(job["result"], headers={"Accept": "application/x-safetensors"}).content
+    )
+    np.testing.assert_array_equal(tensors["samples"], samples)
+    again = wait(client, client.post("/v1/jobs", json=spec).json()["id"])
+    np.testing.assert_array_equal(np.load(io.BytesIO(client.get(again["result"]).content)), samples)
+    listed = client.get("/v1/jobs", params={"state": "succeeded"}).json()["jobs"]
+    assert {job["id"], again["id"]} <= {item["id"] for item in listed}
+    assert metric(client, "imh_jobs", type="generate", state="succeeded") >= 2
+
+
+def test_a_drs_filter_job_keeps_what_exact_rejection_keeps(client):
+    candidates = np.random.default_rng(0).normal(0, 2, size=(2000, 2)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, candidates)
+    spec = {"type": "filter", "discriminator": "toy25-d", "method": "drs", "seed": 1}
+    created = client.post("/v1/jobs", data={"job": json.dumps(spec)},
+                          files={"candidates": ("c.npy", buffer.getvalue())})  # fmt: skip
+    assert created.status_code == 201, created.text
+    job = wait(client, created.json()["id"])
+    assert job["state"] == "succeeded", job
+    scores = np.load(io.BytesIO(client.get(job["result"], params={"array": "log_ratio"}).content))
+    kept = np.load(io.BytesIO(client.get(job["result"]).content))
+    from samplers.finite import drs_filter
+
+    expected = drs_filter(scores.astype(np.float64), 1)
+    np.testing.assert_array_equal(kept, np.flatnonzero(expected.accepted))
+    assert client.get(job["result"], params={"array": "nope"}).status_code == 422
+
+
+def test_jobs_answer_bad_requests_with_4xx(client):
+    assert (
+        client.post("/v1/jobs", json={"type": "generate", "generator": "toy25"}).status_code == 422
+    )
+    assert client.post("/v1/jobs", json={"type": "generate", "generator": "nope", "n": 5}
+                       ).status_code == 404  # fmt: skip
+    too_many = client.post("/v1/jobs", json={"type": "generate", "generator": "toy25",
+                                             "n": 10**9})  # fmt: skip
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"][-1] == "n"
+    assert client.post("/v1/jobs", json={"type": "sort"}).status_code == 422
+    assert client.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"}
+                       ).status_code == 422  # fmt: skip
+    assert client.get("/v1/jobs/0123abcd").status_code == 404
+    assert client.get("/v1/jobs/not-an-id").status_code == 422
+    assert client.delete("/v1/jobs/0123abcd").status_code == 404
+
+
+def test_a_cancelled_job_stops_and_has_no_result(client):
+    spec = {"type": "generate", "generator": "toy25", "method": "imh", "n": 40000,
+            "steps": 2000, "seed": 0}  # fmt: skip
+    job = client.post("/v1/jobs", json=spec).json()
+    assert client.get(f"/v1/jobs/{job['id']}/result").status_code == 409
+    cancelled = client.delete(f"/v1/jobs/{job['id']}")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert wait(client, job["id"])["state"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job['id']}/result").status_code == 409
+    last = client.get(f"/v1/jobs/{job['id']}/events").text.strip().split("\n\n")[-1]
+    assert "event: state" in last and '"state":"cancelled"' in last
