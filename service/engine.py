@@ -6,7 +6,7 @@ most `batch_wait_s`, counted from that job's arrival, for more rows, up to
 `max_batch_size` rows. Batching is continuous: jobs join and leave between steps, so a
 long request never holds a short one back.
 
-A job (service/jobs.py) is one request's block of chains with its own random streams.
+A job (service/engine_jobs.py) is one request's block of chains with its own random streams.
 Final-mode jobs follow `samplers.run_final` exactly, restart round included; stream-mode
 jobs follow `samplers.run_stream` and stop after `target` samples.
 
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from samplers import Kernel, Noise, concat, split, take
+from service.engine_jobs import Job, JobSpec, call, settle
 from service.errors import EngineFailure, QueueFull, ServiceError
-from service.jobs import Job, JobSpec, call, settle
 
 log = logging.getLogger("imh.engine")
 

@@ -24,8 +24,8 @@ from torch.nn import functional as F
 
 from samplers import Noise, markov, proposals
 from samplers.methods import DEFAULTS, MethodError, Models, drs_pilot, prepare
+from service.engine_jobs import JobSpec
 from service.errors import InvalidRequest
-from service.jobs import JobSpec
 from service.loading import LoadedModel
 from service.manifests import DiscriminatorManifest, GaussianProposal
 from service.registry import Registry, split_ref

@@ -23,8 +23,8 @@ import torch
 
 from service import methods
 from service.engine import Engine
+from service.engine_jobs import SEED_BLOCK_ROWS, Job, JobOutcome, JobSpec, StreamDone, seed_blocks
 from service.errors import BadModelFile, EngineFailure, InvalidRequest, ServiceError
-from service.jobs import SEED_BLOCK_ROWS, Job, JobOutcome, JobSpec, StreamDone, seed_blocks
 from service.metrics import Metrics
 from service.registry import Registry
 from service.schemas import SampleCreate

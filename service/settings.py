@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # waits at most batch_wait_ms (counted from that request) for more rows, up to
     # max_batch_size rows per step. Requests join and leave between steps. The cap is on
     # rows of different requests sharing a step: one request's random stream (up to 4096
-    # chains, service/jobs.py) always steps as one.
+    # chains, service/engine_jobs.py) always steps as one.
     max_batch_size: int = Field(4096, ge=1)
     batch_wait_ms: float = Field(2.0, ge=0.0, le=10_000.0)
     # Rows waiting to join a group's batch; beyond this a request gets 503 + Retry-After.

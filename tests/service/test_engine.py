@@ -13,8 +13,8 @@ import torch
 from samplers import Kernel, Noise, run_final
 from samplers.methods import DEFAULTS, Models, prepare
 from service.engine import Engine, EngineConfig
+from service.engine_jobs import JobSpec, StreamDone, seed_blocks
 from service.errors import EngineFailure, QueueFull
-from service.jobs import JobSpec, StreamDone, seed_blocks
 from service.metrics import Metrics
 from tests.samplers import targets
 

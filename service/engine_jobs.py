@@ -1,4 +1,4 @@
-"""Jobs: one request's block of chains as the engine sees it, and how results come back.
+"""Engine jobs: one request's block of chains as the engine sees it, and how results come back.
 
 A request's randomness comes from its own generators, one per `SEED_BLOCK_ROWS` rows
 (`seed_blocks`), so its samples depend on its seed only, never on who shares a batch.
