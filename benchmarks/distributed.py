@@ -29,10 +29,7 @@ import io
 import json
 import os
 import secrets
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -45,58 +42,14 @@ import numpy as np
 import redis
 import torch
 
+from benchmarks.processes import Process
 from benchmarks.report import machine, markdown_table, write_section
 from benchmarks.serve import Rounds
 
 COMMAND = ".venv/bin/python -m benchmarks.distributed"
-ROOT = Path(__file__).resolve().parent.parent
 GOAL = ">= 0.8"  # online sampling, distributed with one worker over embedded
 REDIS_URL = os.environ.get("IMH_REDIS_URL", "redis://127.0.0.1:6379/0")
 POLL_S = 0.05  # job polling: fine enough for jobs of seconds, light on the front end
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Process:
-    """An `imh serve` or `imh worker` on a free port, ready (GET /readyz 200) on return."""
-
-    def __init__(self, command: str, env: dict[str, str], timeout_s: float = 300):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", command, "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            cwd=ROOT, env=env,
-        )  # fmt: skip
-        try:
-            self._wait_ready(command, time.monotonic() + timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, command: str, deadline: float) -> None:
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.process.poll() is None, f"imh {command} exited"
-            assert time.monotonic() < deadline, f"imh {command} not ready"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -23,10 +23,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
@@ -36,6 +33,7 @@ import httpx
 import torch
 from torch import nn
 
+from benchmarks.processes import Process
 from benchmarks.report import machine, markdown_table, write_section
 from samplers import Noise
 from samplers.methods import prepare
@@ -44,7 +42,6 @@ from service.registry import ZOO_STORE, Registry
 from service.schemas import SampleCreate
 
 COMMAND = ".venv/bin/python -m benchmarks.serve"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class DigitsGenerator(nn.Module):
@@ -121,36 +118,11 @@ def _zoo_model(store, name, module, architecture, config, manifest, save_weights
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-class Server:
-    """`imh serve` on a free port, stopped on exit."""
-
-    def __init__(self, store: Path, **settings: str):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "IMH_MODEL_STORE": str(store), "IMH_LOG_LEVEL": "warning",
-               **{f"IMH_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], cwd=ROOT, env=env
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.process.poll() is None, "imh serve exited"
-            assert time.monotonic() < deadline, "imh serve not ready"
-            time.sleep(0.2)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+def Server(store: Path, **settings: str) -> Process:  # noqa: N802 - reads as a class
+    """`imh serve` over `store` with IMH_* settings, on a free port; stopped on exit."""
+    env = {**os.environ, "IMH_MODEL_STORE": str(store), "IMH_LOG_LEVEL": "warning",
+           **{f"IMH_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
+    return Process("serve", env)
 
 
 def body(generator: str, n: int, steps: int, seed: int = 0) -> dict:

@@ -60,6 +60,12 @@ class EngineFailure(ServiceError):
     """Model code raised while running this request's chains: 500 with the reason."""
 
 
+def check_limit(value: int, limit: int, field: tuple, what: str | None = None) -> None:
+    """InvalidRequest naming `field` when value exceeds a configured limit."""
+    if value > limit:
+        raise InvalidRequest(f"{what or field[-1]} must be <= {limit} (got {value})", field)
+
+
 # Most specific first: UnsafeModelFile is a BadModelFile.
 STATUS_BY_ERROR: list[tuple[type[ServiceError], int]] = [
     (InvalidRequest, 422),

@@ -24,7 +24,7 @@ import torch
 from service import methods
 from service.engine import Engine
 from service.engine_jobs import SEED_BLOCK_ROWS, Job, JobOutcome, JobSpec, StreamDone, seed_blocks
-from service.errors import BadModelFile, EngineFailure, InvalidRequest, ServiceError
+from service.errors import BadModelFile, EngineFailure, InvalidRequest, ServiceError, check_limit
 from service.metrics import Metrics
 from service.registry import Registry
 from service.schemas import SampleCreate
@@ -43,16 +43,16 @@ class SamplingService:
     async def resolve(self, body: SampleCreate, stream: bool) -> methods.Resolved:
         """Check limits and resolve models; raises ModelNotFound / InvalidRequest."""
         settings = self.settings
-        _limit(body.n, settings.max_n, ("n",))
+        check_limit(body.n, settings.max_n, ("n",))
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         resolved = methods.resolve(self.registry, body, seed, stream)
-        _limit(resolved.steps, settings.max_steps, ("steps",))
+        check_limit(resolved.steps, settings.max_steps, ("steps",))
         if resolved.stream:
             field = ("params", body.method, "chains")
-            _limit(resolved.chains, min(settings.max_chains, settings.max_queued_rows), field)
+            check_limit(resolved.chains, min(settings.max_chains, settings.max_queued_rows), field)
             if body.format != "json":
                 raise InvalidRequest("stream mode answers in JSON only", ("format",))
-        _limit(resolved.chains * max(resolved.steps, 1), settings.max_proposals, ("steps",),
+        check_limit(resolved.chains * max(resolved.steps, 1), settings.max_proposals, ("steps",),
                what="n (or chains) x steps")  # fmt: skip
         if body.format == "png" and not resolved.generator.manifest.is_image:
             raise InvalidRequest(
@@ -314,11 +314,6 @@ class _TwoRowNoise:
         return torch.zeros(2, *shape, dtype=dtype, device=self.device)
 
     uniform = normal
-
-
-def _limit(value: int, limit: int, field: tuple, what: str | None = None) -> None:
-    if value > limit:
-        raise InvalidRequest(f"{what or field[-1]} must be <= {limit} (got {value})", field)
 
 
 def _expect(shape: tuple, expected: tuple, what: str) -> None:

@@ -26,9 +26,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180.0  # importing torch and loading models on a busy 2-core machine
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """The tests' networks are small: on a busy pair of shared cores a second intra-op
+    thread only adds waiting (several times slower). Servers the tests start set
+    IMH_TORCH_THREADS=1 themselves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ import torch
 from service.batch.schemas import FilterJobCreate, GenerateJobCreate
 from service.batch.shards import filter_log_ratio, shard_sizes
 from service.batch.store import FILTER_ARRAYS, JobStore
-from service.errors import InvalidRequest, ModelConflict, ModelNotFound
+from service.errors import InvalidRequest, ModelConflict, ModelNotFound, check_limit
 from service.metrics import Metrics
 from service.registry import Registry
 from service.sampling import SamplingService
@@ -56,7 +56,7 @@ class JobService:
         self.settings, self.metrics = settings, metrics
 
     async def create_generate(self, spec: GenerateJobCreate) -> dict[str, Any]:
-        _limit(spec.n, self.settings.max_job_n, ("n",))
+        check_limit(spec.n, self.settings.max_job_n, ("n",))
         if spec.seed is None:
             spec = spec.model_copy(update={"seed": secrets.randbits(63)})
         rows = self.settings.job_shard_rows
@@ -82,7 +82,7 @@ class JobService:
                 f"samples of shape {shape} (so (N, {', '.join(map(str, shape))}))",
                 ("candidates",),
             )
-        _limit(len(candidates), self.settings.max_job_n, ("candidates",), "candidates")
+        check_limit(len(candidates), self.settings.max_job_n, ("candidates",), "candidates")
         if not np.isfinite(candidates).all():
             raise InvalidRequest("candidates contain NaN or infinite values", ("candidates",))
         await asyncio.to_thread(_smoke_test, log_ratio, candidates[:2], self.registry.device)
@@ -181,8 +181,3 @@ def _smoke_test(log_ratio, candidates: np.ndarray, device: torch.device) -> None
         raise InvalidRequest(
             f"the discriminator cannot score these candidates: {error}", ("candidates",)
         ) from None
-
-
-def _limit(value: int, limit: int, field: tuple, what: str | None = None) -> None:
-    if value > limit:
-        raise InvalidRequest(f"{what or field[-1]} must be <= {limit} (got {value})", field)

@@ -29,7 +29,14 @@ import numpy as np
 from redis.exceptions import WatchError
 
 from service.batch.schemas import TERMINAL
-from service.distributed.codec import npy_header, pack, safetensors_header, unpack
+from service.distributed.codec import (
+    npy_header,
+    pack,
+    parse_shape,
+    safetensors_header,
+    text,
+    unpack,
+)
 from service.distributed.connection import BLOCK_MS, Broker
 from service.distributed.keys import JOBS
 
@@ -122,13 +129,13 @@ class JobStore:
                 if state is None or state.decode() in TERMINAL:
                     # Finished, and nothing newer than `after`: the client has every event.
                     tail = await self.redis.xrevrange(key, count=1)
-                    if not tail or _order(_text(tail[0][0])) <= _order(after):
+                    if not tail or _order(text(tail[0][0])) <= _order(after):
                         return
                 elif self.broker.poll_s:
                     await asyncio.sleep(self.broker.poll_s)
                 continue
             for event_id, fields in reply[0][1]:
-                after = _text(event_id)
+                after = text(event_id)
                 name, data = fields[b"event"].decode(), json.loads(fields[b"data"])
                 yield after, name, data
                 if name == "state" and data["state"] in TERMINAL:
@@ -152,7 +159,7 @@ class JobStore:
                 dtype, shape = await self.redis.hmget(
                     keys.job_result(job_id, name), "dtype", "shape"
                 )
-                metas.append((name, np.dtype(dtype.decode()), _shape(shape)))
+                metas.append((name, np.dtype(dtype.decode()), parse_shape(shape)))
             header = safetensors_header(metas) if safetensors else npy_header(*metas[0][1:])
             pieces = [(keys.job_result(job_id, name), "data") for name in names]
 
@@ -346,12 +353,3 @@ def _decode(raw: dict[bytes, bytes], done: set[int]) -> dict[str, Any]:
 def _order(stream_id: str) -> tuple[int, int]:
     milliseconds, _, sequence = stream_id.partition("-")
     return int(milliseconds), int(sequence or 0)
-
-
-def _shape(value: bytes) -> tuple[int, ...]:
-    text = value.decode()
-    return tuple(int(n) for n in text.split(",")) if text else ()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

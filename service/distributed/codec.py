@@ -35,9 +35,8 @@ def pack(array: np.ndarray | torch.Tensor, prefix: str = "") -> dict[str, Any]:
 
 def unpack(fields: dict[bytes | str, Any], prefix: str = "") -> np.ndarray:
     get = lambda name: fields.get(f"{prefix}{name}".encode(), fields.get(f"{prefix}{name}"))  # noqa: E731
-    dtype, shape = _text(get("dtype")), _text(get("shape"))
-    dims = tuple(int(n) for n in shape.split(",")) if shape else ()
-    return np.frombuffer(get("data"), dtype=np.dtype(dtype)).reshape(dims)
+    dtype = np.dtype(text(get("dtype")))
+    return np.frombuffer(get("data"), dtype=dtype).reshape(parse_shape(get("shape")))
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -66,5 +65,12 @@ def safetensors_header(arrays: list[tuple[str, np.dtype, tuple[int, ...]]]) -> b
     return len(text).to_bytes(8, "little") + text
 
 
-def _text(value: bytes | str) -> str:
+def parse_shape(value: bytes | str) -> tuple[int, ...]:
+    """The tuple a `shape` field ("3,2"; "" for a scalar) stands for."""
+    value = text(value)
+    return tuple(int(n) for n in value.split(",")) if value else ()
+
+
+def text(value: bytes | str) -> str:
+    """Redis answers bytes; keys and ids are text."""
     return value.decode() if isinstance(value, bytes) else value

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import ResponseError
 
+from service.distributed.codec import text
 from service.distributed.connection import BLOCK_MS, Broker
 from service.distributed.keys import GROUP
 
@@ -63,9 +64,7 @@ class WorkQueue:
                 await asyncio.sleep(self.broker.poll_s)
             return []
         [(_, entries)] = reply
-        return [
-            Message(stream, _text(mid), _fields(fields), 1) for mid, fields in entries if fields
-        ]
+        return [Message(stream, text(mid), _fields(fields), 1) for mid, fields in entries if fields]
 
     async def reclaim(self, stream: str, count: int) -> list[Message]:
         """Messages idle longer than claim_idle_s, now owned by this consumer.
@@ -82,9 +81,9 @@ class WorkQueue:
         deliveries = {}
         for mid, _ in entries:
             pending = await self.redis.xpending_range(key, GROUP, mid, mid, 1)
-            deliveries[_text(mid)] = pending[0]["times_delivered"] if pending else 1
+            deliveries[text(mid)] = pending[0]["times_delivered"] if pending else 1
         return [
-            Message(stream, _text(mid), _fields(fields), deliveries[_text(mid)])
+            Message(stream, text(mid), _fields(fields), deliveries[text(mid)])
             for mid, fields in entries
         ]
 
@@ -114,14 +113,10 @@ class WorkQueue:
 async def depth(broker: Broker, stream: str) -> int:
     """Messages not yet acknowledged: waiting for a worker plus being worked on."""
     for group in await broker.redis.xinfo_groups(broker.keys.work(stream)):
-        if _text(group["name"]) == GROUP:
+        if text(group["name"]) == GROUP:
             return int(group.get("pending") or 0) + int(group.get("lag") or 0)
     return 0
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _fields(fields: dict) -> dict[str, bytes]:
-    return {_text(k): v for k, v in fields.items()}
+    return {text(k): v for k, v in fields.items()}

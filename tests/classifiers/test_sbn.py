@@ -11,15 +11,6 @@ from torch import nn
 from classifiers import sbn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: on a busy shared machine a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_bn_net() -> nn.Sequential:
     """conv-BN2d-ReLU, linear-BN1d-ReLU, logits; running statistics moved off their init."""
     torch.manual_seed(0)

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from classifiers import sbn
 from zoo.digits04 import STORE, digits04_data, load
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets are tiny: on a busy shared machine a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_digits04_sbn_loads_with_its_statistics_and_keeps_bn_predictions():

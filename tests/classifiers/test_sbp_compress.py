@@ -13,14 +13,6 @@ from zoo.data import load_digits_split
 from zoo.digits_sbp import DigitsLeNet5, DigitsMLP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: more threads only add contention on shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def lenet_with_bn() -> BlockNet:
     blocks = [
         {"kind": "conv", "in_channels": 1, "out_channels": 12, "pool": 2, "batch_norm": True},

@@ -15,14 +15,6 @@ from zoo.data import load_digits_split
 from zoo.digits_sbp import DigitsLeNet5, DigitsMLP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: more threads only add contention on shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def exact_kl(log_alpha: float) -> float:
     """KL(N(theta, alpha theta^2) || log-uniform) = -log(alpha)/2 + E log|1 + sqrt(alpha) z|
     + (gamma + log 2)/2, the constant making it vanish as alpha -> infinity."""

@@ -46,8 +46,6 @@ def logits_on(module: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained() -> dict[str, torch.nn.Module]:
     """One discriminator per loss, trained once for the tests of this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped fixtures run outside the per-test one
     discriminators = {}
     for loss in ("bce", "implicit_mh"):
         torch.manual_seed(0)
@@ -60,7 +58,6 @@ def trained() -> dict[str, torch.nn.Module]:
             steps=600,
             lr=3e-3,
         )
-    torch.set_num_threads(threads)
     return discriminators
 
 

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
 from tests.service.toy_models import build_store
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
-
-
-@pytest.fixture(autouse=True)
-def single_cpu_thread():
-    """In-process model work runs several times faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

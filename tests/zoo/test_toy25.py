@@ -17,15 +17,6 @@ from zoo.data import toy25_sample
 NAMES = ("toy25", "toy25-d", "toy25-d-imh", "toy25-d-gan", "toy25-pair")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny MLPs: on a busy shared machine a second thread only adds waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_toy25_manifest_is_valid_and_names_existing_files(name):
     folder = catalog.model_dir(name, "1")
