@@ -65,7 +65,7 @@ class DigitsGenerator(nn.Module):
 
 def stand_in_store(store: Path) -> dict[str, str]:
     """Write the stand-ins the zoo lacks; returns {"toy": generator, "digits": generator}."""
-    from zoo.architectures import save_weights
+    from architectures import save_weights
 
     names = {}
     zoo = {p.name for p in ZOO_STORE.iterdir()} if ZOO_STORE.is_dir() else set()

@@ -14,7 +14,7 @@ conv, whose border taps see fewer constants; the bias for a dense layer), and th
 inputs that survive are picked with a fixed `gather` index. No masks run at inference.
 
 The compressed network's manifest names `classifiers.compress:BlockNet` with
-`model.config` (which carries the surviving widths), so zoo.architectures.build loads it.
+`model.config` (which carries the surviving widths), so architectures.build loads it.
 
 Example:
     small, report = compress(sbp_model)
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.architectures import architecture
+from architectures import architecture
 
 
 def _max_pool(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -192,14 +192,6 @@ class BlockNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
-
-
-def strip_noise(model: BlockNet) -> BlockNet:
-    """A copy of `model` as the BlockNet it was built from, without its noise layers."""
-    plain = BlockNet(**model.block_config)
-    state = {k: v for k, v in model.state_dict().items() if ".sbp." not in k}
-    plain.load_state_dict(state)
-    return plain.to(next(model.parameters()).device).eval()
 
 
 def _check_plain_blocks(model: BlockNet) -> None:

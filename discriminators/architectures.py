@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from zoo.architectures import architecture
+from architectures import architecture
 
 
 def mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""Calibration of a discriminator's logits (DESIGN.md section 5).
+"""Calibration of a discriminator's logits.
 
 A calibrator maps RAW logits to CALIBRATED logits l(x), the estimate of log p(x)/p_G(x)
 that the samplers use. Fit it on held-out real samples and as many fresh generator

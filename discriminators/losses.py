@@ -1,4 +1,4 @@
-"""Discriminator losses (DESIGN.md section 5).
+"""Discriminator losses.
 
 Conventions: `logit_real` = l(x) on real x ~ p, `logit_fake` = l(y) on generator
 samples y ~ p_G. For pair discriminators `log_d(a, b)` = log d(a, b).

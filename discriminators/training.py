@@ -1,4 +1,4 @@
-"""Post-hoc discriminator training for a frozen generator (DESIGN.md section 5).
+"""Post-hoc discriminator training for a frozen generator.
 
 The answer to "my GAN shipped without a discriminator": train one against real data
 while the generator stays fixed. Two losses for a sample discriminator l(x):

@@ -1,6 +1,7 @@
 """25-Gaussians sample quality, the convention of DRS (Azadi et al., 2019) and MH-GAN.
 
-The target has 25 modes on {-2,-1,0,1,2}^2 with std 0.05 (zoo.data). A sample is high
+The target has 25 modes on {-2,-1,0,1,2}^2 with std 0.05, in the
+grid's own coordinates (no rescaling anywhere in the project). A sample is high
 quality (HQ) when it lies within 4 std (distance <= 0.2) of its nearest mode, which it
 is then assigned to. Reported:
 
@@ -16,7 +17,6 @@ is then assigned to. Reported:
 
 Example:
     >>> import torch
-    >>> from zoo.data import toy25_sample
     >>> metrics = toy25_metrics(toy25_sample(5000, torch.Generator().manual_seed(0)))
     >>> metrics.modes_covered
     25
@@ -28,10 +28,12 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from evaluation.frechet import as_float64
-from zoo.data import TOY25_MEANS, TOY25_STD
 
+TOY25_STD = 0.05
+TOY25_MEANS = np.array([(x, y) for x in range(-2, 3) for y in range(-2, 3)], dtype=np.float32)
 HIGH_QUALITY_STDS = 4.0  # distance threshold in units of the mode std
 GRID = np.arange(-2, 3)  # the modes are GRID x GRID, first coordinate outer
 assert np.array_equal(TOY25_MEANS, [(x, y) for x in GRID for y in GRID]), "unexpected mode order"
@@ -44,6 +46,14 @@ class Toy25Metrics(NamedTuple):
     jsd_from_uniform: float  # nats; ln 2 when no sample is HQ
     mode_counts: tuple[int, ...]  # HQ samples per mode, in TOY25_MEANS order
     count: int  # samples evaluated
+
+
+def toy25_sample(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n points of the 25-Gaussians mixture (uniform over modes), shape (n, 2)."""
+    means = torch.from_numpy(TOY25_MEANS)
+    modes = torch.randint(0, len(means), (n,), generator=generator)
+    noise = torch.randn(n, 2, generator=generator)
+    return means[modes] + TOY25_STD * noise
 
 
 def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:

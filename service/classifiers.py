@@ -255,7 +255,7 @@ class ClassifierService:
     def _fit_and_install(
         self, source: LoadedModel, x: torch.Tensor, fit: dict[str, Any], target: str, store: Path
     ) -> LoadedModel:
-        from zoo.architectures import save_weights
+        from architectures import save_weights
 
         module = sbn.convert(copy.deepcopy(source.module))
         generator = torch.Generator().manual_seed(fit["seed"])

@@ -100,7 +100,7 @@ def _build_module(
         return safe_files.load_exported(
             directory / manifest.file, f"{shown}/{manifest.file}", device
         )
-    from zoo.architectures import ArchitectureError, build
+    from architectures import ArchitectureError, build
 
     weights = safe_files.load_safetensors(
         directory / manifest.weights, f"{shown}/{manifest.weights}", device

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo.architectures import build
+from architectures import build
 
 STORE = Path(__file__).resolve().parent / "store"
 

@@ -1,7 +1,7 @@
 """Datasets the built-in models are trained and evaluated on; nothing is downloaded.
 
-- toy25: the 25-Gaussians grid of MH-GAN: means on {-2,-1,0,1,2}^2, std 0.05, in the
-  grid's own coordinates (no rescaling anywhere in the project).
+- toy25: the 25-Gaussians grid of MH-GAN, defined with its metrics in evaluation/toy25.py
+  (`toy25_sample`, `TOY25_MEANS`, `TOY25_STD`).
 - digits: scikit-learn's bundled 8x8 digits as 1x8x8 float32 images in [0, 1] (the
   package's values divided by 16), split once with the stratified split every model uses.
 
@@ -17,26 +17,6 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-import torch
-
-TOY25_STD = 0.05
-TOY25_MEANS = np.array([(x, y) for x in range(-2, 3) for y in range(-2, 3)], dtype=np.float32)
-
-
-def toy25_sample(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n points of the 25-Gaussians mixture (uniform over modes), shape (n, 2)."""
-    means = torch.from_numpy(TOY25_MEANS)
-    modes = torch.randint(0, len(means), (n,), generator=generator)
-    noise = torch.randn(n, 2, generator=generator)
-    return means[modes] + TOY25_STD * noise
-
-
-def toy25_log_density(x: torch.Tensor) -> torch.Tensor:
-    """Exact log density of the 25-Gaussians mixture at x, shape (n,)."""
-    means = torch.from_numpy(TOY25_MEANS).to(x)
-    sq = ((x[:, None, :] - means[None]) ** 2).sum(-1)  # (n, 25)
-    log_norm = -np.log(2 * np.pi * TOY25_STD**2)
-    return torch.logsumexp(-sq / (2 * TOY25_STD**2), dim=1) + log_norm - np.log(len(means))
 
 
 class DigitsSplit(NamedTuple):

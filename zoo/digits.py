@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from zoo.architectures import architecture
+from architectures import architecture
 
 
 @architecture

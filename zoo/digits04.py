@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from architectures import architecture, build
 from classifiers import sbn
 from classifiers.common import Prediction
-from zoo.architectures import architecture, build
 from zoo.data import load_digits_split
 
 IN_DOMAIN_CLASSES = (0, 1, 2, 3, 4)

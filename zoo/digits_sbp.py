@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from architectures import architecture, build
 from classifiers.compress import BlockNet
-from zoo.architectures import architecture, build
 
 STORE = Path(__file__).resolve().parent / "store"
 INPUT_SHAPE = [1, 8, 8]

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
+from architectures import architecture
 from discriminators.architectures import mlp
-from zoo.architectures import architecture
 
 
 @architecture

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from architectures import architecture_name, save_weights
 from classifiers import sbn
-from zoo.architectures import architecture_name, save_weights
 from zoo.digits04 import (
     IN_DOMAIN_CLASSES,
     STORE,

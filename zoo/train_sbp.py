@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from architectures import architecture_name, save_weights
 from classifiers import sbp
 from classifiers.compress import (
     BlockNet,
@@ -30,7 +31,6 @@ from classifiers.compress import (
     measure_speedup,
     unit_counts,
 )
-from zoo.architectures import architecture_name, save_weights
 from zoo.data import load_digits_split
 from zoo.digits_sbp import CLASSES, INPUT_SHAPE, STORE, DigitsLeNet5, DigitsMLP
 

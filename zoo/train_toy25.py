@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from architectures import architecture_name, save_weights
 from discriminators.architectures import MLPDiscriminator
 from discriminators.calibration import (
     Calibrator,
@@ -44,11 +45,9 @@ from discriminators.calibration import (
 )
 from discriminators.losses import bce_loss
 from discriminators.training import train_discriminator, train_pair_discriminator
-from evaluation.toy25 import toy25_metrics
+from evaluation.toy25 import toy25_metrics, toy25_sample
 from samplers import chain, imh, markov, proposals
 from samplers._core import Noise
-from zoo.architectures import architecture_name, save_weights
-from zoo.data import toy25_sample
 from zoo.toy25 import Generator, PotentialPairDiscriminator
 
 STORE = Path(__file__).resolve().parent / "store"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from architectures import build, save_weights
 from classifiers import sbp
 from classifiers.common import Prediction
 from classifiers.compress import BlockNet, count_flops, count_params, measure_speedup
-from zoo.architectures import build, save_weights
 from zoo.data import load_digits_split
 from zoo.digits_sbp import DigitsLeNet5, DigitsMLP
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from evaluation.toy25 import jensen_shannon, toy25_metrics
-from zoo.data import TOY25_MEANS, TOY25_STD, toy25_sample
+from evaluation.toy25 import TOY25_MEANS, TOY25_STD, jensen_shannon, toy25_metrics, toy25_sample
 
 
 def test_perfect_samples_score_perfectly():

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from architectures import save_weights
 from discriminators.calibration import fit_and_report, save_calibration
 from evaluation.stats import save_stats
-from zoo.architectures import save_weights
 from zoo.toy25 import Generator as Toy25Generator
 
 BATCH = torch.export.Dim("batch")

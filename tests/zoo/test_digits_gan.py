@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from architectures import build
 from discriminators.calibration import load_calibration
 from evaluation.frechet import frechet_distance
 from evaluation.stats import load_stats
 from service.manifests import parse_manifest
 from zoo import catalog
-from zoo.architectures import build
 from zoo.data import load_digits_split
 
 NAMES = (

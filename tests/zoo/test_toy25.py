@@ -7,12 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from discriminators.calibration import load_calibration
-from evaluation.toy25 import toy25_metrics
+from evaluation.toy25 import toy25_metrics, toy25_sample
 from samplers import chain, imh, proposals
 from samplers._core import Noise
 from service.manifests import parse_manifest
 from zoo import catalog
-from zoo.data import toy25_sample
 
 NAMES = ("toy25", "toy25-d", "toy25-d-imh", "toy25-d-gan", "toy25-pair")
 

@@ -1,5 +1,9 @@
 """Architectures a `"format": "zoo"` manifest may name, and their safetensors weights.
 
+The ground floor of the model packages: `discriminators`, `classifiers`, `evaluation`
+and `zoo` mark their nn.Module classes here, and the service builds them from
+manifests, without any of them importing another.
+
 A manifest names an architecture as "module:Class" (for example "zoo.toy25:Generator").
 Only classes decorated with `@architecture` inside this project's packages can be built,
 so a manifest can never make the service import or call anything else.
