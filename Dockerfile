@@ -31,6 +31,7 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
     && pip install -c /opt/torch-constraint.txt -r /tmp/requirements.txt
 
 # The packages pyproject.toml installs (tool.setuptools.packages.find), nothing else.
+COPY architectures/ architectures/
 COPY samplers/ samplers/
 COPY discriminators/ discriminators/
 COPY classifiers/ classifiers/

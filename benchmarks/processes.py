@@ -31,7 +31,7 @@ class Process:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", command, "--host", "127.0.0.1",
+            [sys.executable, "-m", "service.cli.main", command, "--host", "127.0.0.1",
              "--port", str(self.port)],
             cwd=ROOT, env=env,
         )  # fmt: skip

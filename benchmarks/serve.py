@@ -37,9 +37,9 @@ from benchmarks.processes import Process
 from benchmarks.report import machine, markdown_table, write_section
 from samplers import Noise
 from samplers.methods import prepare
-from service.methods import build_models, resolve
-from service.registry import ZOO_STORE, Registry
-from service.schemas import SampleCreate
+from service.models.registry import ZOO_STORE, Registry
+from service.online.resolve import build_models, resolve
+from service.online.schemas import SampleCreate
 
 COMMAND = ".venv/bin/python -m benchmarks.serve"
 

@@ -1,6 +1,6 @@
 """Fixtures shared across test packages: a real `imh serve` process on a free port.
 
-`imh_server` is a factory: `imh_server(env={...})` starts `python -m service.cli serve`
+`imh_server` is a factory: `imh_server(env={...})` starts `python -m service.cli.main serve`
 on a free loopback port with the given IMH_* variables, waits until /readyz answers 200,
 and stops it when the session ends. `start_server(env, log, command="worker")` starts an
 `imh worker` the same way. Nothing here sleeps a fixed time: it polls with a deadline and
@@ -68,7 +68,16 @@ def start_server(
     port = free_port()
     log = log_path.open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", command, "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "service.cli.main",
+            command,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=ROOT,
         env={**os.environ, "IMH_LOG_LEVEL": "warning", **env},
         stdout=log,

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.schemas import (
+from service.online.schemas import (
     _MODEL_REF,
     _REQUEST,
     MethodParams,

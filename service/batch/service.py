@@ -26,9 +26,9 @@ from service.batch.shards import filter_log_ratio, shard_sizes
 from service.batch.store import FILTER_ARRAYS, JobStore
 from service.errors import InvalidRequest, ModelConflict, ModelNotFound, check_limit
 from service.metrics import Metrics
-from service.registry import Registry
-from service.sampling import SamplingService
-from service.schemas import request_dict
+from service.models.registry import Registry
+from service.online.schemas import request_dict
+from service.online.service import SamplingService
 from service.settings import Settings
 
 NPY_MAGIC = b"\x93NUMPY"

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from samplers.finite import drs_filter, mh_filter
-from service import methods
 from service.batch.schemas import FilterJobCreate, GenerateJobCreate
 from service.batch.store import JobStore
 from service.errors import InvalidRequest
 from service.metrics import Metrics
-from service.registry import Registry
-from service.sampling import SamplingService
+from service.models.registry import Registry
+from service.online import resolve as methods
+from service.online.service import SamplingService
 
 log = logging.getLogger("imh.shards")
 SCORE_ROWS = 4096  # candidates per discriminator call

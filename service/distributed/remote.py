@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from redis.exceptions import RedisError
 
-from service import methods
 from service.distributed.codec import unpack
 from service.distributed.connection import BLOCK_MS, Broker, Health
 from service.distributed.keys import ONLINE
 from service.errors import ModelNotFound, Unavailable, error_from
-from service.sampling import SamplingService
-from service.schemas import SampleCreate, request_dict
+from service.online import resolve as methods
+from service.online.schemas import SampleCreate, request_dict
+from service.online.service import SamplingService
 from service.settings import Settings
 
 log = logging.getLogger("imh.remote")

@@ -39,8 +39,8 @@ from service.distributed.keys import JOBS, ONLINE, STREAMS
 from service.distributed.queue import Message, WorkQueue
 from service.errors import EngineFailure, InvalidRequest, ServiceError, status_of
 from service.metrics import Metrics
-from service.sampling import SamplingService
-from service.schemas import SampleCreate
+from service.online.schemas import SampleCreate
+from service.online.service import SamplingService
 from service.settings import Settings
 
 log = logging.getLogger("imh.worker")

@@ -378,7 +378,7 @@ def test_dockerignore_reader_follows_docker_patterns(pattern, path, ignored):
 def test_image_runs_imh_and_listens_on_all_interfaces():
     (entrypoint,) = instruction("ENTRYPOINT")
     assert json.loads(entrypoint) == ["imh"]
-    assert PYPROJECT["project"]["scripts"]["imh"] == "service.cli:main"
+    assert PYPROJECT["project"]["scripts"]["imh"] == "service.cli.main:main"
     assert [json.loads(cmd) for cmd in instruction("CMD")] == [["serve"]]
     env = " ".join(instruction("ENV"))
     assert re.search(r"\bIMH_HOST=0\.0\.0\.0\b", env)
@@ -389,7 +389,7 @@ def test_image_runs_imh_and_listens_on_all_interfaces():
 
 
 def cli_commands() -> set[str]:
-    from service.cli import parser
+    from service.cli.main import parser
 
     (subcommands,) = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return set(subcommands.choices)
@@ -400,7 +400,7 @@ def test_image_command_runs_on_the_host(name):
     if name == "worker" and name not in cli_commands():
         pytest.skip("service/cli.py has no `worker` command yet")
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", name, "--help"],
+        [sys.executable, "-m", "service.cli.main", name, "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -180,8 +180,8 @@ def test_filter_job_returns_the_chain_s_indices_and_calibrated_scores(cluster):
     log_ratio = tensors["log_ratio"].astype(np.float64)
 
     # Scores are the calibrated discriminator's, computed here independently.
-    from service import methods
-    from service.registry import ZOO_STORE, Registry
+    from service.models.registry import ZOO_STORE, Registry
+    from service.online import resolve as methods
 
     registry = Registry(torch.device("cpu"))
     registry.load_store(ZOO_STORE, "zoo")

@@ -12,10 +12,10 @@ import torch
 
 from samplers import Kernel, Noise, run_final
 from samplers.methods import DEFAULTS, Models, prepare
-from service.engine import Engine, EngineConfig
-from service.engine_jobs import JobSpec, StreamDone, seed_blocks
 from service.errors import EngineFailure, QueueFull
 from service.metrics import Metrics
+from service.online.chains import JobSpec, StreamDone, seed_blocks
+from service.online.engine import Engine, EngineConfig
 from tests.samplers import targets
 
 CPU = torch.device("cpu")

@@ -106,7 +106,7 @@ def in_process(app, method: str, path: str, **kwargs):
 
 
 def test_not_ready_and_a_full_queue_answer_503_with_retry_after(tmp_path):
-    from service.app import create_app
+    from service.api.app import create_app
     from service.errors import QueueFull
     from service.settings import Settings
 

@@ -144,7 +144,7 @@ def test_bad_uploads_get_clear_client_errors(client, admin, gan_files):
 
 
 def test_without_a_configured_token_administration_is_refused(tmp_path):
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
 
     app = create_app(Settings(zoo=False, model_store=tmp_path, admin_token=None))

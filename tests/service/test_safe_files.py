@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.errors import BadModelFile, UnsafeModelFile
-from service.safe_files import check_pt2, load_exported, load_npz, load_safetensors
+from service.models.safe_files import check_pt2, load_exported, load_npz, load_safetensors
 from tests.service.toy_models import MLP, Pair, export, seeded
 
 

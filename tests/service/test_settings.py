@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.cli import parser, settings_from
+from service.cli.main import parser, settings_from
 from service.settings import Settings
 
 

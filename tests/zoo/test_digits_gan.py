@@ -11,7 +11,7 @@ from architectures import build
 from discriminators.calibration import load_calibration
 from evaluation.frechet import frechet_distance
 from evaluation.stats import load_stats
-from service.manifests import parse_manifest
+from service.models.manifests import parse_manifest
 from zoo import catalog
 from zoo.data import load_digits_split
 

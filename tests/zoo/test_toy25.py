@@ -10,7 +10,7 @@ from discriminators.calibration import load_calibration
 from evaluation.toy25 import toy25_metrics, toy25_sample
 from samplers import chain, imh, proposals
 from samplers._core import Noise
-from service.manifests import parse_manifest
+from service.models.manifests import parse_manifest
 from zoo import catalog
 
 NAMES = ("toy25", "toy25-d", "toy25-d-imh", "toy25-d-gan", "toy25-pair")

@@ -13,10 +13,10 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.deps import AdminDep, StateDep
-from service.loading import LoadedModel
-from service.registry import Registry
-from service.schemas import ModelPublic, ModelsPublic, ModelVersionsPublic
+from service.api.deps import AdminDep, StateDep
+from service.models.loading import LoadedModel
+from service.models.registry import Registry
+from service.online.schemas import ModelPublic, ModelsPublic, ModelVersionsPublic
 
 log = logging.getLogger("imh.models")
 

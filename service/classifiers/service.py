@@ -34,12 +34,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from classifiers import sbn
-from service.classifier_schemas import ClassifierPublic, SbpReport
+from service.classifiers.schemas import ClassifierPublic, SbpReport
 from service.errors import EngineFailure, InvalidRequest
-from service.loading import LoadedModel
-from service.manifests import NAME_PATTERN
 from service.metrics import LATENCY_BUCKETS, Metrics
-from service.registry import Registry
+from service.models.loading import LoadedModel
+from service.models.manifests import NAME_PATTERN
+from service.models.registry import Registry
 from service.settings import Settings
 
 MAX_INPUTS = 4096  # inputs per predict request

@@ -17,15 +17,15 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service import encoding
-from service.classifier_schemas import (
+from service.api import encoding
+from service.api.deps import AdminDep, StateDep
+from service.classifiers.schemas import (
     ClassifierPublic,
     ClassifiersPublic,
     ClassifyCreate,
     ClassifyPublic,
 )
-from service.classifiers import ClassifierService, read_npy
-from service.deps import AdminDep, StateDep
+from service.classifiers.service import ClassifierService, read_npy
 from service.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])

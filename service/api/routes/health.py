@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response, status
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from service.deps import StateDep
+from service.api.deps import StateDep
 from service.distributed.keys import STREAMS
 from service.distributed.queue import depth
 from service.metrics import CONTENT_TYPE

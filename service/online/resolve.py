@@ -24,12 +24,12 @@ from torch.nn import functional as F
 
 from samplers import Noise, markov, proposals
 from samplers.methods import DEFAULTS, MethodError, Models, drs_pilot, prepare
-from service.engine_jobs import JobSpec
 from service.errors import InvalidRequest
-from service.loading import LoadedModel
-from service.manifests import DiscriminatorManifest, GaussianProposal
-from service.registry import Registry, split_ref
-from service.schemas import SampleCreate
+from service.models.loading import LoadedModel
+from service.models.manifests import DiscriminatorManifest, GaussianProposal
+from service.models.registry import Registry, split_ref
+from service.online.chains import JobSpec
+from service.online.schemas import SampleCreate
 
 DEFAULT_STEPS = 20
 DEFAULT_STREAM_CHAINS = 256

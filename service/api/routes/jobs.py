@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from service import encoding
+from service.api import encoding
+from service.api.deps import JobsDep, StateDep
 from service.batch.schemas import (
     FilterJobCreate,
     GenerateJobCreate,
@@ -24,7 +25,6 @@ from service.batch.schemas import (
     JobPublic,
     JobsPublic,
 )
-from service.deps import JobsDep, StateDep
 from service.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from service.batch.service import JobService
-from service.engine import Engine
 from service.metrics import Metrics
-from service.registry import Registry
-from service.sampling import SamplingService
+from service.models.registry import Registry
+from service.online.engine import Engine
+from service.online.service import SamplingService
 from service.settings import Settings
 
 if TYPE_CHECKING:

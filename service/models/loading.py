@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from service import safe_files
 from service.errors import BadModelFile
-from service.manifests import (
+from service.models import safe_files
+from service.models.manifests import (
     ClassifierManifest,
     DiscriminatorManifest,
     GeneratorManifest,

@@ -21,7 +21,7 @@ import torch
 from samplers import make_generator
 
 if TYPE_CHECKING:
-    from service.engine import Group
+    from service.online.engine import Group
 
 # Rows per random stream. Fixed, so a seed's samples never depend on the configuration;
 # large, because each extra stream costs a separate draw per step (about 0.1 ms at 2048

@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
             default=None,
             help="load the built-in zoo models (IMH_ZOO, default on)",
         )
-    from service.filter_cli import add_parser
+    from service.cli.filter import add_parser
 
     add_parser(commands)
     return root
@@ -71,7 +71,7 @@ def settings_from(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "filter":
-        from service.filter_cli import run
+        from service.cli.filter import run
 
         return run(args)
     # Defence in depth: nothing in this process may fall back to unrestricted unpickling.
@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     if args.command == "worker":
-        from service.worker_app import create_worker_app
+        from service.api.worker_app import create_worker_app
 
         app = create_worker_app(settings)
     else:
-        from service.app import create_app
+        from service.api.app import create_app
 
         app = create_app(settings)
     uvicorn.run(

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from samplers import Kernel, Noise, concat, split, take
-from service.engine_jobs import Job, JobSpec, call, settle
 from service.errors import EngineFailure, QueueFull, ServiceError
+from service.online.chains import Job, JobSpec, call, settle
 
 log = logging.getLogger("imh.engine")
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from service import methods
-from service.engine import Engine
-from service.engine_jobs import SEED_BLOCK_ROWS, Job, JobOutcome, JobSpec, StreamDone, seed_blocks
 from service.errors import BadModelFile, EngineFailure, InvalidRequest, ServiceError, check_limit
 from service.metrics import Metrics
-from service.registry import Registry
-from service.schemas import SampleCreate
+from service.models.registry import Registry
+from service.online import resolve as methods
+from service.online.chains import SEED_BLOCK_ROWS, Job, JobOutcome, JobSpec, StreamDone, seed_blocks
+from service.online.engine import Engine
+from service.online.schemas import SampleCreate
 from service.settings import Settings
 
 log = logging.getLogger("imh.sampling")

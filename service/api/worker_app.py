@@ -17,7 +17,7 @@ from fastapi import FastAPI, Response, status
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from service.app import build_core, load_models
+from service.api.app import build_core, load_models
 from service.batch.shards import ShardRunner
 from service.batch.store import JobStore
 from service.distributed.connection import Broker

@@ -26,20 +26,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.deps import AppState
+from service.api.routes import classifiers, health, jobs, models, sample
 from service.batch.service import JobService
 from service.batch.shards import ShardRunner
 from service.batch.store import JobStore
-from service.classifiers import ClassifierService
-from service.deps import AppState
+from service.classifiers.service import ClassifierService
 from service.distributed.connection import Broker, Health
 from service.distributed.remote import RemoteSampling
 from service.distributed.worker import Worker
-from service.engine import Engine, EngineConfig
 from service.errors import InvalidRequest, ServiceError, status_of
 from service.metrics import Metrics
-from service.registry import ZOO_STORE, Registry
-from service.routes import classifiers, health, jobs, models, sample
-from service.sampling import SamplingService
+from service.models.registry import ZOO_STORE, Registry
+from service.online.engine import Engine, EngineConfig
+from service.online.service import SamplingService
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("imh.app")

@@ -12,10 +12,10 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from service import encoding
-from service.deps import SamplingDep
+from service.api import encoding
+from service.api.deps import SamplingDep
 from service.distributed.remote import RemoteSampling
-from service.schemas import SampleCreate, SamplePublic
+from service.online.schemas import SampleCreate, SamplePublic
 
 router = APIRouter(prefix="/v1", tags=["sample"])
 NDJSON = "application/x-ndjson"

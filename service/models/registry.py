@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from service.errors import BadModelFile, ModelConflict, ModelNotFound
-from service.loading import LoadedModel, load_model, read_manifest
-from service.manifests import NAME_PATTERN, DiscriminatorManifest
+from service.models.loading import LoadedModel, load_model, read_manifest
+from service.models.manifests import NAME_PATTERN, DiscriminatorManifest
 
 log = logging.getLogger("imh.registry")
-ZOO_STORE = Path(__file__).resolve().parent.parent / "zoo" / "store"
+ZOO_STORE = Path(__file__).resolve().parents[2] / "zoo" / "store"
 _NAME = re.compile(NAME_PATTERN)
 
 
