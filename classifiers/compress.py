@@ -40,9 +40,10 @@ from architectures import architecture
 def _max_pool(y: torch.Tensor, size: int) -> torch.Tensor:
     if size == 1:
         return y
-    if size == 2 and y.shape[0] >= 8:
+    if size == 2 and (torch.compiler.is_exporting() or y.shape[0] >= 8):
         # two strided maxima: on this CPU build about 8x faster than F.max_pool2d for a
-        # batch of small maps (and slower for a single one), same values
+        # batch of small maps (and slower for a single one), same values. An exported
+        # program has a dynamic batch, so it cannot branch on it: it always takes this way
         height, width = y.shape[-2] // 2 * 2, y.shape[-1] // 2 * 2
         y = y[..., :height, :width]
         y = torch.maximum(y[..., 0::2, :], y[..., 1::2, :])
@@ -153,15 +154,17 @@ def _make_block(spec: dict[str, Any]) -> nn.Module:
 class BlockNet(nn.Module):
     """Conv blocks then dense blocks (see the module docstring); output logits.
 
-    input_shape: (C, H, W) of one input; blocks: one dict per block, {"kind": "conv" |
+    input_shape: (C, H, W) of one input ((features,) without conv blocks); blocks: one
+    dict per block, {"kind": "conv" |
     "dense", ...constructor kwargs of ConvBlock / DenseBlock}.
     """
 
     def __init__(self, input_shape: list[int], blocks: list[dict[str, Any]]):
         super().__init__()
-        if len(input_shape) != 3:
-            raise ValueError(f"input_shape must be [C, H, W], got {input_shape}")
         kinds = [spec.get("kind") for spec in blocks]
+        # vectors (N, features) are fine for dense-only networks
+        if len(input_shape) != 3 and not (len(input_shape) == 1 and "conv" not in kinds):
+            raise ValueError(f"input_shape must be [C, H, W] (or [features]), got {input_shape}")
         if not kinds or kinds[-1] != "dense" or "conv" in kinds[kinds.index("dense") :]:
             raise ValueError(f"need conv blocks then at least one dense block, got {kinds}")
         self.input_shape = tuple(input_shape)
