@@ -38,8 +38,10 @@ from benchmarks.report import machine, markdown_table, write_section
 from samplers import Noise
 from samplers.methods import prepare
 from service.models.registry import ZOO_STORE, Registry
-from service.online.resolve import build_models, resolve
+from service.online.plan import build_models
+from service.online.resolve import Limits, resolve
 from service.online.schemas import SampleCreate
+from service.settings import Settings
 
 COMMAND = ".venv/bin/python -m benchmarks.serve"
 
@@ -141,7 +143,8 @@ def http_rate(client: httpx.Client, generator: str, rows: int, steps: int, seed:
 
 def kernel_rate(registry: Registry, generator: str, rows: int, steps: int, seed: int) -> float:
     """Proposals per second of kernel.step in this process, same models and batch size."""
-    resolved = resolve(registry, SampleCreate(**body(generator, rows, steps)), 0, stream=False)
+    limits = Limits.from_settings(Settings())
+    resolved = resolve(registry, SampleCreate(**body(generator, rows, steps)), 0, False, limits)
     noise = Noise.seeded(seed, rows)
     kernel, state = prepare("imh", build_models(resolved), {"init": "generator"}, noise)
     kernel.step(state, noise)  # warm-up

@@ -3,48 +3,34 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from service.batch.service import JobService
-from service.metrics import Metrics
-from service.models.registry import Registry
-from service.online.engine import Engine
-from service.online.service import SamplingService
+from service.classifiers.service import ClassifierService
+from service.online.backend import SamplingBackend
+from service.runtime import Runtime
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from service.distributed.connection import Broker, Health
 
 
 @dataclass
 class AppState:
-    """Everything a route may need; built by create_app, filled in at start."""
+    """Everything a route may need; built by create_app."""
 
     settings: Settings
-    metrics: Metrics
-    registry: Registry
-    engine: Engine
-    sampling: Any  # SamplingService (embedded) or RemoteSampling (distributed)
-    ready: bool = False
-    startup_error: str | None = None
-    tasks: set = field(default_factory=set)
-    distributed: bool = False
-    broker: Broker | None = None
-    health: Health | None = None
-    jobs: JobService | None = None
+    runtime: Runtime
+    jobs: JobService
+    classifiers: ClassifierService
 
-    def unavailable(self, need_worker: bool) -> str | None:
-        """Why work cannot be taken now (None: it can)."""
-        if not self.ready:
-            return self.startup_error or "models are still loading; retry shortly"
-        if not self.health.redis_up:
-            return self.health.error or "Redis is unreachable"
-        if need_worker and self.health.workers == 0:
-            return "no worker is available; start `imh worker` processes"
-        return None
+    @property
+    def registry(self):
+        return self.runtime.registry
+
+    @property
+    def metrics(self):
+        return self.runtime.metrics
 
 
 # Dependencies are `async def`: FastAPI runs plain `def` ones in a thread pool, a hop
@@ -60,29 +46,37 @@ def _unavailable(reason: str) -> HTTPException:
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, reason, headers={"Retry-After": "1"})
 
 
-async def get_sampling(state: StateDep) -> SamplingService:
-    if reason := state.unavailable(need_worker=True):
+async def get_sampling(state: StateDep) -> SamplingBackend:
+    if reason := state.runtime.unavailable(need_worker=True):
         raise _unavailable(reason)
-    return state.sampling
+    return state.runtime.backend
 
 
 async def get_jobs(state: StateDep) -> JobService:
     """Jobs need Redis, not a worker: an accepted job waits in the queue for one."""
-    if reason := state.unavailable(need_worker=False):
+    if reason := state.runtime.unavailable(need_worker=False):
         raise _unavailable(reason)
     return state.jobs
 
 
-SamplingDep = Annotated[SamplingService, Depends(get_sampling)]
+SamplingDep = Annotated[SamplingBackend, Depends(get_sampling)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
+
+
+def is_admin(settings: Settings, authorization: str | None) -> bool:
+    """Whether `Authorization` carries the configured admin token (no token: never)."""
+    token = settings.admin_token
+    scheme, _, given = (authorization or "").partition(" ")
+    if token is None or scheme.lower() != "bearer" or not given:
+        return False
+    return secrets.compare_digest(given.encode(), token.get_secret_value().encode())
 
 
 async def require_admin(
     state: StateDep, authorization: Annotated[str | None, Header()] = None
 ) -> None:
     """`Authorization: Bearer $IMH_ADMIN_TOKEN`; without a configured token, refuse all."""
-    token = state.settings.admin_token
-    if token is None:
+    if state.settings.admin_token is None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "model administration is disabled: the server has no IMH_ADMIN_TOKEN",
@@ -94,7 +88,7 @@ async def require_admin(
             "send Authorization: Bearer <admin token>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+    if not is_admin(state.settings, authorization):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong admin token")
 
 

@@ -17,9 +17,16 @@ def json_bytes(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
+def as_lists(samples: torch.Tensor | np.ndarray) -> list:
+    """Nested lists of a sample array; float32 values print exactly (via float64)."""
+    if isinstance(samples, np.ndarray):
+        return samples.astype(np.float64).tolist()
+    return samples.double().tolist()
+
+
 def samples_json(samples: torch.Tensor, stats: dict[str, Any]) -> bytes:
-    """{"samples": [...], "stats": {...}}; float32 values print exactly (via float64)."""
-    return json_bytes({"samples": samples.double().tolist(), "stats": stats})
+    """{"samples": [...], "stats": {...}}."""
+    return json_bytes({"samples": as_lists(samples), "stats": stats})
 
 
 def npy_bytes(samples: torch.Tensor) -> bytes:

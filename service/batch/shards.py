@@ -21,16 +21,21 @@ import numpy as np
 import torch
 
 from samplers.finite import drs_filter, mh_filter
-from service.batch.schemas import FilterJobCreate, GenerateJobCreate
+from service.batch.schemas import TERMINAL, FilterJobCreate, GenerateJobCreate
 from service.batch.store import JobStore
-from service.errors import InvalidRequest
+from service.distributed.connection import retrying
+from service.distributed.keys import JOBS
+from service.distributed.queue import Message
+from service.errors import InvalidRequest, ServiceError
 from service.metrics import Metrics
 from service.models.registry import Registry
-from service.online import resolve as methods
+from service.online.plan import calibrated_logit
+from service.online.resolve import calibration_for
 from service.online.service import SamplingService
 
 log = logging.getLogger("imh.shards")
 SCORE_ROWS = 4096  # candidates per discriminator call
+GIVE_UP_S = 60.0  # how long failing a job waits for Redis
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -42,10 +47,31 @@ def shard_sizes(n: int, rows: int) -> list[int]:
 
 
 class ShardRunner:
+    """The "shard" handler of `service.distributed.worker.Worker`."""
+
+    kind, stream = "shard", JOBS
+
     def __init__(
         self, store: JobStore, sampling: SamplingService, registry: Registry, metrics: Metrics
     ):
         self.store, self.sampling, self.registry, self.metrics = store, sampling, registry, metrics
+
+    async def handle(self, message: Message) -> None:
+        job_id, shard = message.text("job"), int(message.text("shard"))
+        try:
+            job_type, outcome = await self.run(job_id, shard)
+        except ServiceError as error:
+            job_type, outcome, reason = "unknown", "failed", error.message
+            log.warning("job %s shard %d failed: %s", job_id, shard, reason)
+            await retrying(lambda: self.store.fail(job_id, reason), GIVE_UP_S, "failing the job")
+        self.metrics.job_shards.labels(job_type, outcome).inc()
+
+    async def wanted(self, messages: list[Message]) -> list[bool]:
+        states = await self.store.states([message.text("job") for message in messages])
+        return [state is not None and state not in TERMINAL for state in states]
+
+    async def give_up(self, message: Message, reason: str) -> None:
+        await self.store.fail(message.text("job"), f"shard {message.text('shard')} {reason}")
 
     async def run(self, job_id: str, shard: int) -> tuple[str, str]:
         """Run a shard (unless done already); returns (job type, outcome) for the metrics.
@@ -128,5 +154,4 @@ def filter_log_ratio(registry: Registry, spec: FilterJobCreate):
             f"{discriminator.ref} is a pair discriminator d(x, y); filtering needs D(x)",
             ("discriminator",),
         )
-    calibration = methods.calibration_for(discriminator, spec.calibration)
-    return methods.calibrated_logit(discriminator, calibration)
+    return calibrated_logit(discriminator, calibration_for(discriminator, spec.calibration))

@@ -106,6 +106,13 @@ class JobStore:
                     found.append(job)
         return found[:limit]
 
+    async def states(self, job_ids: list[str]) -> list[str | None]:
+        """Each job's state (None: gone), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.keys.job(job_id), "state")
+            return [None if state is None else state.decode() for state in await pipe.execute()]
+
     async def state_counts(self) -> dict[tuple[str, str], int]:
         """(type, state) -> jobs, for the imh_jobs gauge."""
         counts: dict[tuple[str, str], int] = {}

@@ -1,68 +1,74 @@
 """`imh` command line: `imh serve`, `imh worker`, `imh filter`.
 
-Flags override IMH_* environment variables, which override the defaults in
-service/settings.py. Examples:
+Every setting (service/settings.py) is a flag of `serve` and `worker`, named after its
+environment variable: IMH_MAX_N is `--max-n`, IMH_ZOO is `--zoo` / `--no-zoo`. Flags
+override IMH_* variables, which override the defaults. Examples:
 
     imh serve --port 9000 --model-store ./store --no-zoo
-    imh worker --redis-url redis://127.0.0.1:6379/0 --port 8001
+    imh worker --redis-url redis://127.0.0.1:6379/0 --port 8002
     imh filter candidates.npy --discriminator digits-d --output kept.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 
 from pydantic import ValidationError
 
-FLAGS = {  # flag -> Settings field; type comes from the field
-    "--host": "host",
-    "--port": "port",
-    "--redis-url": "redis_url",
-    "--model-store": "model_store",
-    "--admin-token": "admin_token",
-    "--device": "device",
-    "--max-batch-size": "max_batch_size",
-    "--batch-wait-ms": "batch_wait_ms",
-    "--torch-threads": "torch_threads",
-    "--max-queued-rows": "max_queued_rows",
-    "--log-level": "log_level",
-}
+from service.settings import Settings
+
 WORKER_PORT = 8001  # a worker's probes, unless --port or IMH_PORT says otherwise
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="imh", description=__doc__.split("\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the HTTP API")
+    serve = commands.add_parser("serve", help="serve the HTTP API", description=_SERVE)
     worker = commands.add_parser(
-        "worker", help="run models for API front ends (needs IMH_REDIS_URL); probes on :8001"
+        "worker", help="run models for API front ends (needs IMH_REDIS_URL)", description=_WORKER
     )
     for command in (serve, worker):
-        for flag, field in FLAGS.items():
-            command.add_argument(
-                flag, dest=field, default=None, help=f"overrides IMH_{field.upper()}"
-            )
-        command.add_argument(
-            "--zoo",
-            dest="zoo",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="load the built-in zoo models (IMH_ZOO, default on)",
-        )
+        _add_setting_flags(command)
     from service.cli.filter import add_parser
 
     add_parser(commands)
     return root
 
 
-def settings_from(args: argparse.Namespace):
-    """Settings with the given flags over IMH_* variables; raises pydantic.ValidationError."""
-    from service.settings import Settings  # imports torch: keep --help fast
+_SERVE = "Serve the HTTP API. Each flag overrides its IMH_ variable."
+_WORKER = (
+    "Run the models for API front ends over Redis (IMH_REDIS_URL). Probes and /metrics on "
+    f"--port (default {WORKER_PORT}): give each worker on a machine its own port, e.g. one "
+    "worker per GPU with --device cuda:0 --port 8001, --device cuda:1 --port 8002."
+)
 
-    overrides = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+
+def _add_setting_flags(command: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        if name == "admin_token":
+            default = "unset"
+        shown = f"{field.description or ''} [IMH_{name.upper()}; default: {default}]"
+        if field.annotation is bool:
+            command.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=shown
+            )
+        else:
+            command.add_argument(flag, dest=name, default=None, metavar="VALUE", help=shown)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings with the given flags over IMH_* variables; raises pydantic.ValidationError."""
+    overrides = {
+        name: value for name, value in vars(args).items()
+        if name in Settings.model_fields and value is not None
+    }  # fmt: skip
     if args.command == "worker" and "port" not in overrides and "IMH_PORT" not in os.environ:
         overrides["port"] = WORKER_PORT
     return Settings(**overrides)
@@ -86,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker" and settings.redis_url is None:
         print("imh: `imh worker` needs IMH_REDIS_URL (or --redis-url)", file=sys.stderr)
         return 2
+    if problem := _port_taken(settings.host, settings.port, args.command):
+        print(f"imh: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -95,18 +104,42 @@ def main(argv: list[str] | None = None) -> int:
         from service.api.worker_app import create_worker_app
 
         app = create_worker_app(settings)
+        grace = settings.worker_drain_s + 5
     else:
         from service.api.app import create_app
 
         app = create_app(settings)
+        grace = 5
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=grace,
     )
     return 0
+
+
+def _port_taken(host: str, port: int, command: str) -> str | None:
+    """Why the port cannot be bound (another process has it), else None."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                return None  # let uvicorn report anything else
+            hint = (
+                "another imh worker on this machine? give each worker its own --port "
+                f"(e.g. --port {port + 1}), or --port 0 for any free port"
+                if command == "worker"
+                else "pick another with --port"
+            )
+            return f"port {port} on {host} is already in use ({hint})"
+    return None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class Message(NamedTuple):
     def text(self, name: str) -> str:
         return self.fields[name].decode()
 
+    @property
+    def kind(self) -> str:
+        """What the message asks for ("sample", "shard"): picks its handler."""
+        return self.fields.get("kind", b"").decode()
+
 
 class WorkQueue:
     def __init__(self, broker: Broker, consumer: str, claim_idle_s: float, max_deliveries: int):
@@ -93,6 +98,15 @@ class WorkQueue:
             await self.redis.xclaim(
                 self.keys.work(stream), GROUP, self.consumer, 0, ids, justid=True
             )
+
+    async def release(self, stream: str, ids: list[str]) -> None:
+        """Hand messages back: their idle time is set past the reclaim threshold, so the
+        next XAUTOCLAIM of any worker takes them over (a draining worker's unfinished work)."""
+        if ids:
+            await self.redis.xclaim(
+                self.keys.work(stream), GROUP, self.consumer, 0, ids,
+                idle=self.claim_idle_ms + 1, justid=True,
+            )  # fmt: skip
 
     async def ack(self, message: Message) -> None:
         await self.redis.xack(self.keys.work(message.stream), GROUP, message.id)

@@ -1,18 +1,22 @@
-"""The worker: consumes work messages and runs them on this process's engine.
+"""The worker loop: consumes work messages and hands each to the handler of its kind.
 
 One `Worker` per process (`imh worker`; in embedded mode the API process runs one for
-batch jobs). It reads the two work streams with separate slot limits (online requests
-are many and light on the queue, job shards few and long), so a large job never starves
-online sampling. Once a second it refreshes the messages it runs (so no one reclaims
-them), cancels those nobody wants any more (a stream client gone past its lease, a
-cancelled job), and writes its heartbeat. Every `claim_idle_s / 2` it reclaims messages
-of workers that stopped; a message past `max_deliveries` is dead-lettered and its
-request or job fails with the reason.
+batch jobs). What a message means is the handlers' business (service/online/worker.py
+runs "sample" messages, service/batch/shards.py "shard" messages); this loop owns the
+plumbing every kind shares:
 
-Online requests: results go to the request's event stream. Final mode writes all
-samples and the `done` event in one transaction; stream mode writes events as they come,
-each with the running sample total, so a redelivered stream request (same seed, same
-samples) skips what its first run already wrote: the client sees every sample once.
+- it reads the two work streams with separate slot limits (online requests are many and
+  light, job shards few and long), so a large job never takes the slots of online work;
+- once a second it refreshes the messages it runs (so no one reclaims them), asks each
+  handler which of its running messages are still wanted (a stream client gone past its
+  lease, a cancelled job) and cancels the others, and writes its heartbeat;
+- every `claim_idle_s / 2` it reclaims messages of workers that stopped; a message past
+  `max_deliveries` is dead-lettered and its handler tells the owner why;
+- `stop(drain_s)` (SIGTERM) stops reading, lets running work finish for `drain_s`, then
+  hands the rest back at once (their idle time is set past the reclaim threshold, so
+  another worker takes them over on its next reclaim) and exits.
+
+A handler that raises leaves its message unacknowledged: redelivery counts it.
 """
 
 from __future__ import annotations
@@ -24,29 +28,37 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
-import numpy as np
 from redis.exceptions import RedisError
 
-from service.batch.schemas import TERMINAL
-from service.batch.shards import ShardRunner
-from service.batch.store import JobStore
-from service.distributed.codec import pack
 from service.distributed.connection import Broker, retrying
 from service.distributed.keys import JOBS, ONLINE, STREAMS
 from service.distributed.queue import Message, WorkQueue
-from service.errors import EngineFailure, InvalidRequest, ServiceError, status_of
 from service.metrics import Metrics
-from service.online.schemas import SampleCreate
-from service.online.service import SamplingService
 from service.settings import Settings
 
 log = logging.getLogger("imh.worker")
-REQUEST_TTL_S = 3600  # an online request's event stream outlives its end by this much
-FINAL_CHUNK_BYTES = 4 * 2**20  # final-mode samples per stream entry
-GIVE_UP_S = 60.0  # how long a result write waits for Redis before leaving it to redelivery
+GIVE_UP_S = 60.0  # how long an acknowledgement waits for Redis before leaving it to redelivery
+
+
+class WorkHandler(Protocol):
+    """Runs the messages of one kind ("sample", "shard") from one work stream."""
+
+    kind: str
+    stream: str
+
+    async def handle(self, message: Message) -> None: ...
+
+    async def wanted(self, messages: list[Message]) -> list[bool]:
+        """Whether someone still wants each running message's result."""
+        ...
+
+    async def give_up(self, message: Message, reason: str) -> None:
+        """Tell the message's owner (a request, a job) that it was dead-lettered."""
+        ...
 
 
 @dataclass
@@ -62,42 +74,52 @@ class Worker:
         broker: Broker,
         settings: Settings,
         metrics: Metrics,
-        sampling: SamplingService,
-        runner: ShardRunner,
-        store: JobStore,
+        handlers: list[WorkHandler],
+        *,
         name: str | None = None,
+        device: str = "cpu",
+        on_model_change: Callable[[dict[str, str]], Awaitable[None]] | None = None,
     ):
         self.broker, self.redis, self.keys = broker, broker.redis, broker.keys
-        self.settings, self.metrics, self.sampling = settings, metrics, sampling
-        self.runner, self.store = runner, store
+        self.settings, self.metrics, self.device = settings, metrics, device
+        self.handlers = {handler.kind: handler for handler in handlers}
+        self.on_model_change = on_model_change
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.queue = WorkQueue(broker, self.name, settings.claim_idle_s, settings.max_deliveries)
         self.slots = {ONLINE: settings.worker_slots, JOBS: settings.worker_shard_slots}
         self.running: dict[str, _Running] = {}
         self._freed = {stream: asyncio.Event() for stream in STREAMS}
         self._stopping = asyncio.Event()
-        self.redis_ok = False
+        self.redis_ok: bool | None = None  # None until the first answer
 
     # Lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Consume until cancelled or `stop()`."""
-        loops = [self._consume(ONLINE), self._consume(JOBS), self._reclaim(), self._keepalive()]
-        if not self.broker.embedded:  # the API process of embedded mode has the models
+        streams = {handler.stream for handler in self.handlers.values()}
+        loops = [self._consume(stream) for stream in STREAMS if stream in streams]
+        loops += [self._reclaim(), self._keepalive()]
+        if self.on_model_change is not None:
             loops.append(self._follow_models())
         await asyncio.gather(*loops)
 
     async def stop(self, drain_s: float = 10.0) -> None:
-        """Stop reading; let running work finish for `drain_s`, then give the rest back."""
+        """Stop reading; let running work finish for `drain_s`, then hand the rest back."""
         self._stopping.set()
         for event in self._freed.values():
             event.set()
         tasks = [running.task for running in self.running.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=drain_s)
-        for task in tasks:
-            task.cancel()  # not acknowledged: another worker reclaims it
+        unfinished = [r.message for r in self.running.values() if not r.task.done()]
+        for running in list(self.running.values()):
+            running.task.cancel()  # not acknowledged: handed back below
         with contextlib.suppress(RedisError, OSError):
+            for stream in STREAMS:
+                ids = [m.id for m in unfinished if m.stream == stream]
+                await self.queue.release(stream, ids)
+            if unfinished:
+                log.info("handed %d running messages back for other workers", len(unfinished))
             await self.redis.delete(self.keys.worker(self.name))
             await self.redis.srem(self.keys.workers, self.name)
 
@@ -162,7 +184,7 @@ class Worker:
                 if time.monotonic() - last_beat >= self.settings.heartbeat_s:
                     await self._heartbeat()
                     last_beat = time.monotonic()
-                if not self.redis_ok:
+                if self.redis_ok is False:
                     log.info("Redis is reachable again")
                 self.redis_ok = True
             except (RedisError, OSError) as error:
@@ -170,17 +192,14 @@ class Worker:
             await asyncio.sleep(min(1.0, self.settings.heartbeat_s, self.settings.claim_idle_s / 3))
 
     async def _follow_models(self) -> None:
-        """Load or drop models the API announces (uploads land in the shared model store)."""
-        registry, store = self.sampling.registry, self.settings.model_store.resolve()
+        """Apply the model uploads and deletes the API announces."""
         while not self._stopping.is_set():
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.models)
                     async for message in pubsub.listen():
-                        if message["type"] != "message":
-                            continue
-                        change = json.loads(message["data"])
-                        await asyncio.to_thread(_apply_model_change, registry, store, change)
+                        if message["type"] == "message":
+                            await self.on_model_change(json.loads(message["data"]))
             except (RedisError, OSError) as error:
                 self._redis_down(error)
                 await asyncio.sleep(1.0)
@@ -188,7 +207,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         info = {
             "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
-            "device": str(self.sampling.registry.device), "at": time.time(),
+            "device": self.device, "at": time.time(),
             "running": {stream: self.busy(stream) for stream in STREAMS},
         }  # fmt: skip
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -201,24 +220,15 @@ class Worker:
             self.metrics.worker_inflight.labels(stream).set(self.busy(stream))
 
     async def _cancel_unwanted(self) -> None:
-        running = list(self.running.values())
-        if not running:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for r in running:
-                fields = r.message.fields
-                if fields["kind"] == b"sample":
-                    pipe.exists(self.keys.lease(fields["id"].decode()))
-                else:
-                    pipe.hget(self.keys.job(fields["job"].decode()), "state")
-            answers = await pipe.execute()
-        for r, answer in zip(running, answers, strict=True):
-            wanted = bool(answer) if r.message.fields["kind"] == b"sample" else (
-                answer is not None and answer.decode() not in TERMINAL
-            )  # fmt: skip
-            if not wanted and not r.task.done():
-                r.unwanted = True
-                r.task.cancel()
+        by_kind: dict[str, list[_Running]] = {}
+        for running in self.running.values():
+            by_kind.setdefault(running.message.kind, []).append(running)
+        for kind, runnings in by_kind.items():
+            answers = await self.handlers[kind].wanted([r.message for r in runnings])
+            for running, wanted in zip(runnings, answers, strict=True):
+                if not wanted and not running.task.done():
+                    running.unwanted = True
+                    running.task.cancel()
 
     # One message ---------------------------------------------------------------------
 
@@ -232,13 +242,11 @@ class Worker:
         running = self.running[message.id]
         acknowledge = True
         try:
-            kind = message.fields.get("kind", b"").decode()
-            if kind == "sample":
-                await self._sample(message)
-            elif kind == "shard":
-                await self._shard(message)
+            handler = self.handlers.get(message.kind)
+            if handler is None:
+                log.error("dropping a message of unknown kind %r: %s", message.kind, message.id)
             else:
-                log.error("dropping a message of unknown kind %r: %s", kind, message.id)
+                await handler.handle(message)
         except asyncio.CancelledError:
             acknowledge = running.unwanted  # shutting down: leave it for another worker
             if not running.unwanted:
@@ -258,134 +266,19 @@ class Worker:
         except RedisError:
             log.warning("could not acknowledge %s; it will be redelivered", message.id)
 
-    async def _shard(self, message: Message) -> None:
-        job_id, shard = message.text("job"), int(message.text("shard"))
-        try:
-            job_type, outcome = await self.runner.run(job_id, shard)
-        except ServiceError as error:
-            job_type, outcome, reason = "unknown", "failed", error.message
-            log.warning("job %s shard %d failed: %s", job_id, shard, reason)
-            await retrying(lambda: self.store.fail(job_id, reason), GIVE_UP_S, "failing the job")
-        self.metrics.job_shards.labels(job_type, outcome).inc()
-
-    async def _sample(self, message: Message) -> None:
-        request_id, mode = message.text("id"), message.text("mode")
-        key = self.keys.request(request_id)
-        if not await self.redis.exists(self.keys.lease(request_id)):
-            return  # the client left before the work started
-        written = await self._already_written(key)
-        if written is None:
-            return  # a previous delivery finished it
-        try:
-            body = SampleCreate.model_validate_json(message.fields["body"])
-            resolved = await self.sampling.resolve(body, stream=mode == "stream")
-            if mode == "final":
-                samples, stats = await self.sampling.sample(resolved)
-                await self._write_final(key, samples.numpy(), stats)
-            else:
-                await self._write_stream(key, resolved, skip=written)
-        except ServiceError as error:
-            await self._write(key, [_entry("error", _error_data(error), written)])
-        except Exception as error:  # noqa: BLE001 - the client must hear of it, and no one else can
-            if message.deliveries < self.settings.max_deliveries:
-                raise
-            failure = EngineFailure(f"{type(error).__name__}: {error}")
-            await self._write(key, [_entry("error", _error_data(failure), written)])
-
-    async def _already_written(self, key: str) -> int | None:
-        """Samples a previous delivery wrote to this stream; None if it ended the stream."""
-        last = await self.redis.xrevrange(key, count=1)
-        if not last:
-            return 0
-        fields = last[0][1]
-        if fields[b"event"] in (b"done", b"error"):
-            return None
-        return int(fields.get(b"total", 0))
-
-    async def _write_stream(self, key: str, resolved: Any, skip: int) -> None:
-        total = 0
-        events = self.sampling.events(resolved, encode=False)
-        async with contextlib.aclosing(events):
-            async for name, data in events:
-                if name == "samples":
-                    fresh = data[max(skip - total, 0) :]
-                    total += len(data)
-                    if len(fresh):
-                        await self._write(key, [_entry("samples", None, total, fresh.numpy())])
-                elif name == "error":
-                    await self._write(key, [_entry("error", {"status": 500, **data}, total)])
-                elif total >= skip:  # metrics and done
-                    await self._write(key, [_entry(name, data, total)])
-
-    async def _write_final(self, key: str, samples: np.ndarray, stats: dict) -> None:
-        per_row = max(samples[:1].nbytes, 1)
-        rows = max(FINAL_CHUNK_BYTES // per_row, 1)
-        entries = [
-            _entry("samples", None, min(first + rows, len(samples)), samples[first : first + rows])
-            for first in range(0, len(samples), rows)
-        ]
-        await self._write(key, [*entries, _entry("done", stats, len(samples))])
-
-    async def _write(self, key: str, entries: list[dict[str, Any]]) -> None:
-        async def write() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for fields in entries:
-                    pipe.xadd(key, fields)
-                pipe.expire(key, REQUEST_TTL_S)
-                await pipe.execute()
-
-        await retrying(write, GIVE_UP_S, "writing results", self._stopping)
-
     async def _dead_letter(self, message: Message) -> None:
         reason = f"failed on {message.deliveries - 1} deliveries (dead-lettered)"
         self.metrics.dead_letters.labels(message.stream).inc()
         log.error("dead-lettering %s %s: %s", message.stream, message.id, reason)
         try:
-            if message.fields.get("kind") == b"shard":
-                await self.store.fail(
-                    message.text("job"), f"shard {message.text('shard')} {reason}"
-                )
-            elif message.fields.get("kind") == b"sample":
-                key = self.keys.request(message.text("id"))
-                written = await self._already_written(key)
-                if written is not None:
-                    failure = EngineFailure(f"the request {reason}")
-                    await self._write(key, [_entry("error", _error_data(failure), written)])
+            handler = self.handlers.get(message.kind)
+            if handler is not None:
+                await handler.give_up(message, reason)
             await self.queue.dead_letter(message, reason)
         except (RedisError, OSError) as error:
             self._redis_down(error)
 
     def _redis_down(self, error: Exception) -> None:
-        if self.redis_ok:
+        if self.redis_ok is not False:
             log.warning("Redis is unreachable: %s", error)
         self.redis_ok = False
-
-
-def _apply_model_change(registry: Any, store: Any, change: dict[str, str]) -> None:
-    name, version = change["name"], change["version"]
-    try:
-        if change["op"] == "install":
-            registry.load_one(store, name, version, "store")
-        else:
-            registry.remove(name, version)
-        log.info("model %s:%s: %s", name, version, change["op"])
-    except ServiceError as error:  # not in this worker's store, or already gone
-        log.warning("model %s:%s: cannot %s here: %s", name, version, change["op"], error.message)
-    except Exception as error:  # noqa: BLE001 - a bad model must not stop the worker
-        log.error("model %s:%s: cannot %s here: %s", name, version, change["op"], error)
-
-
-def _entry(name: str, data: Any, total: int, array: np.ndarray | None = None) -> dict[str, Any]:
-    fields: dict[str, Any] = {"event": name, "total": total}
-    if data is not None:
-        fields["data"] = json.dumps(data, allow_nan=False)
-    if array is not None:
-        fields.update(pack(array))
-    return fields
-
-
-def _error_data(error: ServiceError) -> dict[str, Any]:
-    data: dict[str, Any] = {"status": status_of(error), "detail": error.message}
-    if isinstance(error, InvalidRequest):
-        data["field"] = list(error.field)
-    return data

@@ -1,10 +1,12 @@
-"""Engine jobs: one request's block of chains as the engine sees it, and how results come back.
+"""A block of chains: one request's rows as a scheduler group sees them, and how results
+come back to the event loop.
 
 A request's randomness comes from its own generators, one per `SEED_BLOCK_ROWS` rows
 (`seed_blocks`), so its samples depend on its seed only, never on who shares a batch.
-The engine's thread fills a job in; the event loop awaits `Job.result()` (final mode) or
-calls `Job.next_samples()` (stream mode). Results cross threads with
-`call_soon_threadsafe`.
+A final-mode request of many rows is cut into several blocks (each can share a batch
+with others); a stream request is one block. The group's thread fills a block in; the
+event loop awaits `ChainBlock.result()` (final mode) or calls `next_samples()` (stream
+mode). Results cross threads with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -13,20 +15,16 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from samplers import make_generator
 
-if TYPE_CHECKING:
-    from service.online.engine import Group
-
 # Rows per random stream. Fixed, so a seed's samples never depend on the configuration;
 # large, because each extra stream costs a separate draw per step (about 0.1 ms at 2048
-# rows, 8 streams: 10% of a small model's step). A request's block always steps as one,
-# even when IMH_MAX_BATCH_SIZE is smaller.
+# rows, 8 streams: 10% of a small model's step).
 SEED_BLOCK_ROWS = 4096
 _END = object()  # stream sentinel
 
@@ -51,7 +49,7 @@ def seed_blocks(seed: int, rows: int, first_block: int, device: torch.device):
 
 
 @dataclass
-class JobSpec:
+class BlockSpec:
     rows: int  # chains
     steps: int  # steps per round (final: + one restart round for flagged rows)
     generators: list[torch.Generator]
@@ -63,10 +61,10 @@ class JobSpec:
 
 
 class StreamDone(Exception):
-    """A stream job has emitted everything it will."""
+    """A stream block has emitted everything it will."""
 
 
-class JobOutcome(NamedTuple):
+class BlockOutcome(NamedTuple):
     samples: torch.Tensor | None  # final mode: (rows, *shape) on the CPU
     proposals: int
     accepted: int
@@ -74,26 +72,35 @@ class JobOutcome(NamedTuple):
     fallback: int  # rows that return a fallback (drs: no accepted proposal at all)
 
 
-class Job:
-    """One block of a request's chains. Await `result()` (final) or iterate `stream()`."""
+class BlockOwner(Protocol):
+    """The admission queue holding a block: told when a block is cancelled or read."""
 
-    def __init__(self, spec: JobSpec, loop: asyncio.AbstractEventLoop):
+    def cancel(self, block: ChainBlock) -> None: ...
+
+    def drained(self, block: ChainBlock) -> None: ...
+
+
+class ChainBlock:
+    """One block of a request's chains. Await `result()` (final) or `next_samples()`."""
+
+    def __init__(self, spec: BlockSpec, loop: asyncio.AbstractEventLoop):
         self.spec, self.loop = spec, loop
-        self.future: asyncio.Future[JobOutcome] = loop.create_future()
+        self.future: asyncio.Future[BlockOutcome] = loop.create_future()
         self.events: asyncio.Queue[Any] = asyncio.Queue()
         self.enqueued_at = time.monotonic()
-        self.group: Group | None = None
-        self.cancelled = False  # these two change under the group's lock
+        self.owner: BlockOwner | None = None
+        self.cancelled = False  # these two change under the owner's lock
         self.buffered = 0
         # Group-thread state:
         self.rows, self.block_rows = spec.rows, list(spec.block_rows)
         self.state: Any = None
         self.steps_done = self.phase = self.proposals = self.accepted = self.emitted = 0
         self.restarted = 0
+        self.last_stepped = -1  # the group's step counter when this block last stepped
         self.kept: Any = None  # final phase 1: the full state the restarted rows return to
         self.stuck_index: torch.Tensor | None = None
 
-    async def result(self) -> JobOutcome:
+    async def result(self) -> BlockOutcome:
         try:
             return await asyncio.shield(self.future)
         except asyncio.CancelledError:
@@ -101,9 +108,9 @@ class Job:
             raise
 
     async def next_samples(self, timeout: float | None = None) -> torch.Tensor | None:
-        """The next batch of newly accepted samples (stream jobs), None after `timeout` s.
+        """The next batch of newly accepted samples (stream blocks), None after `timeout` s.
 
-        Raises StreamDone when the job has finished, or the job's error if it failed.
+        Raises StreamDone when the block has finished, or the block's error if it failed.
         """
         try:
             item = await asyncio.wait_for(self.events.get(), timeout)
@@ -113,29 +120,30 @@ class Job:
             self.events.put_nowait(_END)  # later calls end too
             self.future.result()  # raises the failure, if any
             raise StreamDone
-        self.group.drained(self)
+        self.owner.drained(self)
         return item
 
     def cancel(self) -> None:
-        if self.group is not None:
-            self.group.cancel(self)
+        if self.owner is not None:
+            self.owner.cancel(self)
 
-    def outcome(self, samples: torch.Tensor | None, fallback: int = 0) -> JobOutcome:
-        return JobOutcome(samples, self.proposals, self.accepted, self.restarted, fallback)
+    def outcome(self, samples: torch.Tensor | None, fallback: int = 0) -> BlockOutcome:
+        return BlockOutcome(samples, self.proposals, self.accepted, self.restarted, fallback)
 
 
-def call(job: Job, fn: Callable[..., Any], *args: Any) -> None:
+def call(block: ChainBlock, fn: Callable[..., Any], *args: Any) -> None:
+    """Run `fn(*args)` on the block's event loop, from the group's thread."""
     try:
-        job.loop.call_soon_threadsafe(fn, *args)
+        block.loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the loop has closed: nobody is waiting any more
         pass
 
 
-def settle(job: Job, outcome: JobOutcome | None, error: BaseException | None) -> None:
+def settle(block: ChainBlock, outcome: BlockOutcome | None, error: BaseException | None) -> None:
     def settle_now() -> None:
-        if not job.future.done():
-            job.future.set_exception(error) if error else job.future.set_result(outcome)
-            job.future.exception() if error else None  # retrieved: no "never retrieved" log
-        job.events.put_nowait(_END)
+        if not block.future.done():
+            block.future.set_exception(error) if error else block.future.set_result(outcome)
+            block.future.exception() if error else None  # retrieved: no "never retrieved" log
+        block.events.put_nowait(_END)
 
-    call(job, settle_now)
+    call(block, settle_now)

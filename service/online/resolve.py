@@ -15,21 +15,17 @@ Rules worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch.nn import functional as F
-
-from samplers import Noise, markov, proposals
-from samplers.methods import DEFAULTS, MethodError, Models, drs_pilot, prepare
-from service.errors import InvalidRequest
+from samplers.methods import DEFAULTS
+from service.errors import InvalidRequest, check_limit
 from service.models.loading import LoadedModel
 from service.models.manifests import DiscriminatorManifest, GaussianProposal
 from service.models.registry import Registry, split_ref
-from service.online.chains import JobSpec
 from service.online.schemas import SampleCreate
+from service.settings import Settings
 
 DEFAULT_STEPS = 20
 DEFAULT_STREAM_CHAINS = 256
@@ -50,6 +46,7 @@ class Resolved:
     seed: int
     stream: bool
     chains: int  # final: n; stream: concurrent chains
+    lane: str = "interactive"  # "bulk": large requests and job shards (their own group)
 
     @property
     def method(self) -> str:
@@ -60,12 +57,34 @@ class Resolved:
         uid = lambda model: model.uid if model is not None else None  # noqa: E731
         return (
             uid(self.generator), uid(self.discriminator), self.method, self.calibration,
-            self.proposal_kind, uid(self.proposal),
+            self.proposal_kind, uid(self.proposal), self.lane,
         )  # fmt: skip
 
 
-def resolve(registry: Registry, body: SampleCreate, seed: int, stream: bool) -> Resolved:
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (IMH_MAX_* settings); beyond: a 422 naming the field."""
+
+    max_n: int
+    max_steps: int
+    max_chains: int
+    max_proposals: int
+    max_result_bytes: int
+    interactive_rows: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.max_n, settings.max_steps, min(settings.max_chains, settings.max_queued_rows),
+            settings.max_proposals, settings.max_result_bytes, settings.interactive_rows,
+        )  # fmt: skip
+
+
+def resolve(
+    registry: Registry, body: SampleCreate, seed: int, stream: bool, limits: Limits
+) -> Resolved:
     """Raises ModelNotFound or InvalidRequest (naming the field) for what cannot run."""
+    check_limit(body.n, limits.max_n, ("n",))
     generator = registry.get(body.generator, kind="generator")
     method, params = body.method, body.params
     discriminator = None if method == "none" else _discriminator(registry, generator, body)
@@ -88,11 +107,33 @@ def resolve(registry: Registry, body: SampleCreate, seed: int, stream: bool) -> 
         chains = params.chains or min(body.n, DEFAULT_STREAM_CHAINS)
     elif params.chains is not None:
         raise InvalidRequest("chains applies to stream mode only", ("params", method, "chains"))
+    if method == "none" and mode == "final":
+        steps = 0  # the first proposals are the samples
+    _check_work(body, generator, mode, chains, steps, limits)
     return Resolved(
         body, generator, discriminator, proposal, proposal_kind,
-        calibration_for(discriminator, body.calibration), options,
-        0 if method == "none" and mode == "final" else steps, seed, mode == "stream", chains,
+        calibration_for(discriminator, body.calibration), options, steps, seed,
+        mode == "stream", chains, "bulk" if chains > limits.interactive_rows else "interactive",
     )  # fmt: skip
+
+
+def _check_work(
+    body: SampleCreate, generator: LoadedModel, mode: str, chains: int, steps: int, limits: Limits
+) -> None:
+    """Limits on steps, chains, proposals and answer size; formats that cannot work."""
+    check_limit(steps, limits.max_steps, ("steps",))
+    if mode == "stream":
+        check_limit(chains, limits.max_chains, ("params", body.method, "chains"))
+        if body.format != "json":
+            raise InvalidRequest("stream mode answers in JSON only", ("format",))
+    check_limit(chains * max(steps, 1), limits.max_proposals, ("steps",),
+                what="n (or chains) x steps")  # fmt: skip
+    manifest = generator.manifest
+    shape = manifest.sample_shape
+    what = f"the answer's bytes ({body.n} samples of shape {shape}, float32)"
+    check_limit(body.n * math.prod(shape) * 4, limits.max_result_bytes, ("n",), what)
+    if body.format == "png" and not manifest.is_image:
+        raise InvalidRequest(f"{generator.ref} does not make images; use json or npy", ("format",))
 
 
 def _discriminator(registry: Registry, generator: LoadedModel, body: SampleCreate) -> LoadedModel:
@@ -165,91 +206,3 @@ def _markov_proposal(
     if isinstance(trained, GaussianProposal):
         options.setdefault("scale", trained.scale)
     return None, kind
-
-
-def request_options_error(error: MethodError, method: str) -> InvalidRequest:
-    return InvalidRequest(str(error), ("params", method))
-
-
-class MethodPlan:
-    """Starts chains for one group; built in the group's thread (the drs pilot runs here)."""
-
-    def __init__(
-        self, resolved: Resolved, pilot_cache: dict[tuple, torch.Tensor], device: torch.device
-    ):
-        self.method = resolved.method
-        self.models = build_models(resolved)
-        self.pilot_logits = None
-        if self.method == "drs":
-            key = resolved.key
-            if key not in pilot_cache:
-                pilot_cache[key] = drs_pilot(self.models, self.models.log_ratio, device)
-            self.pilot_logits = pilot_cache[key]
-
-    def start(self, spec: JobSpec, noise: Noise) -> tuple[Any, Any]:
-        try:
-            return prepare(self.method, self.models, spec.options, noise, self.pilot_logits)
-        except MethodError as error:
-            raise request_options_error(error, self.method) from None
-
-    def fallback_rows(self, state: Any) -> int:
-        return int((~state.has_sample).sum()) if self.method == "drs" else 0
-
-
-def build_models(resolved: Resolved) -> Models:
-    generator = resolved.generator
-    manifest = generator.manifest
-    log_ratio = log_pair = markov_proposal = None
-    discriminator = resolved.discriminator
-    if discriminator is not None and discriminator.manifest.input == "sample":
-        log_ratio = calibrated_logit(discriminator, resolved.calibration)
-    if discriminator is not None and discriminator.manifest.input == "pair":
-        log_pair = pair_log_d(discriminator)
-    if resolved.proposal_kind == "independent":
-        propose = proposals.independent(generator.module, manifest.latent_dim)
-        log_pair = markov.independent_pair(log_ratio)
-        markov_proposal = lambda y, noise, scale: propose(noise)  # noqa: E731
-    elif resolved.proposal_kind == "conditional":
-        markov_proposal = proposals.conditional(
-            resolved.proposal.module, resolved.proposal.manifest.noise_dim
-        )
-    return Models(
-        generator=generator.module,
-        latent_dim=manifest.latent_dim,
-        log_ratio=log_ratio,
-        log_pair=log_pair,
-        markov_proposal=markov_proposal,
-        real=generator.real_samples,
-    )
-
-
-def calibrated_logit(discriminator: LoadedModel, calibration: str) -> Callable:
-    module, calibrate = discriminator.module, _own_copy(discriminator.calibrators[calibration])
-
-    def log_ratio(x: torch.Tensor) -> torch.Tensor:
-        return calibrate(module(x).reshape(len(x)))
-
-    return log_ratio
-
-
-def _own_copy(calibrator: Callable) -> Callable:
-    """A fresh calibrator for each group: calibrators cache lookup tables built in whatever
-    autograd mode they were first called in, and a table built under inference mode (by
-    an imh group) breaks the gradients mala takes through the same calibrator."""
-    to_dict = getattr(calibrator, "to_dict", None)
-    if to_dict is None:
-        return calibrator
-    from discriminators.calibration import calibrator_from_dict
-
-    return calibrator_from_dict(to_dict())
-
-
-def pair_log_d(discriminator: LoadedModel) -> Callable:
-    module = discriminator.module
-    as_logit = discriminator.manifest.output_kind == "logit"
-
-    def log_pair(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = module(x, y).reshape(len(x))
-        return F.logsigmoid(out) if as_logit else out
-
-    return log_pair

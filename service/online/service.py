@@ -1,7 +1,6 @@
-"""The sampling service layer: check a request, hand its chains to the engine, collect.
+"""Online sampling in this process: resolve a request, hand its chains to the engine,
+collect. The `SamplingBackend` of embedded mode and of every `imh worker`.
 
-Routes call `resolve` (synchronous checks: limits, models, options), then `sample`
-(final answer) or `events` (a stream of ("samples" | "metrics" | "done" | "error", data)).
 No FastAPI here; errors are `service.errors` types.
 
 Example:
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -21,67 +19,54 @@ from typing import Any
 
 import torch
 
-from service.errors import BadModelFile, EngineFailure, InvalidRequest, ServiceError, check_limit
+from service.errors import EngineFailure, ModelNotFound, ServiceError, error_from
 from service.metrics import Metrics
 from service.models.registry import Registry
-from service.online import resolve as methods
-from service.online.chains import SEED_BLOCK_ROWS, Job, JobOutcome, JobSpec, StreamDone, seed_blocks
+from service.online.backend import Event
+from service.online.chains import (
+    SEED_BLOCK_ROWS,
+    BlockOutcome,
+    BlockSpec,
+    ChainBlock,
+    StreamDone,
+    seed_blocks,
+)
+from service.online.checks import check_shapes
 from service.online.engine import Engine
+from service.online.fid import RunningFid
+from service.online.plan import MethodPlan
+from service.online.resolve import Limits, Resolved, resolve
 from service.online.schemas import SampleCreate
 from service.settings import Settings
-
-log = logging.getLogger("imh.sampling")
 
 
 class SamplingService:
     def __init__(self, registry: Registry, engine: Engine, settings: Settings, metrics: Metrics):
         self.registry, self.engine = registry, engine
         self.settings, self.metrics = settings, metrics
+        self.limits = Limits.from_settings(settings)
         self._pilots: dict[tuple, torch.Tensor] = {}  # drs pilot logits per model pair
         self._compatible: set[tuple] = set()  # model combinations whose shapes fit
 
-    async def resolve(self, body: SampleCreate, stream: bool) -> methods.Resolved:
-        """Check limits and resolve models; raises ModelNotFound / InvalidRequest."""
-        settings = self.settings
-        check_limit(body.n, settings.max_n, ("n",))
+    async def resolve(self, body: SampleCreate, stream: bool) -> Resolved:
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        resolved = methods.resolve(self.registry, body, seed, stream)
-        check_limit(resolved.steps, settings.max_steps, ("steps",))
-        if resolved.stream:
-            field = ("params", body.method, "chains")
-            check_limit(resolved.chains, min(settings.max_chains, settings.max_queued_rows), field)
-            if body.format != "json":
-                raise InvalidRequest("stream mode answers in JSON only", ("format",))
-        check_limit(resolved.chains * max(resolved.steps, 1), settings.max_proposals, ("steps",),
-               what="n (or chains) x steps")  # fmt: skip
-        if body.format == "png" and not resolved.generator.manifest.is_image:
-            raise InvalidRequest(
-                f"{resolved.generator.ref} does not make images; use json or npy", ("format",)
-            )
-        await self._check_shapes(resolved)
+        resolved = resolve(self.registry, body, seed, stream, self.limits)
+        models_key = resolved.key[:2] + resolved.key[4:]
+        if resolved.discriminator is not None and models_key not in self._compatible:
+            await asyncio.to_thread(check_shapes, resolved, self.registry.device)
+            self._compatible.add(models_key)
         return resolved
 
-    async def sample(self, resolved: methods.Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
-        """All samples at once: (n, *sample_shape) on the CPU, and the stats."""
+    async def sample(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
         started = time.monotonic()
         if resolved.stream:  # stream mode through the JSON path: collect what streams
-            batches, stats = [], None
-            async with contextlib.aclosing(self.events(resolved, encode=False)) as events:
-                async for event, data in events:
-                    if event == "samples":
-                        batches.append(data)
-                    elif event == "done":
-                        stats = data
-                    elif event == "error":
-                        raise EngineFailure(data["detail"])
-            shape = resolved.generator.manifest.sample_shape
-            return (torch.cat(batches) if batches else torch.empty(0, *shape)), stats
-        jobs = self._submit(resolved)
+            return await self._collect(resolved)
+        blocks = self._submit(resolved)
         try:
-            outcomes = await asyncio.gather(*(job.result() for job in jobs))
+            outcomes = await asyncio.gather(*(block.result() for block in blocks))
         except BaseException as error:
-            for job in jobs:
-                job.cancel()
+            for block in blocks:
+                block.cancel()
             self._count(resolved, error)
             raise
         samples = torch.cat([outcome.samples for outcome in outcomes])
@@ -89,28 +74,39 @@ class SamplingService:
         self._count(resolved, None, time.monotonic() - started)
         return samples, stats
 
-    def events(
-        self, resolved: methods.Resolved, encode: bool = True
-    ) -> AsyncIterator[tuple[str, Any]]:
-        """Stream events. Submits at once, so QueueFull raises before the first event.
+    async def events(self, resolved: Resolved) -> tuple[str | None, AsyncIterator[Event]]:
+        [block] = self._submit(resolved)
+        return None, self._events(resolved, block)
 
-        Leaving the loop early (a client disconnect) cancels the chains.
-        """
-        [job] = self._submit(resolved)
-        return self._events(resolved, job, encode)
+    async def resume(self, request_id: str, last_event_id: str) -> AsyncIterator[Event]:
+        raise ModelNotFound("streams resume in distributed mode only (IMH_REDIS_URL)")
 
-    async def _events(
-        self, resolved: methods.Resolved, job: Job, encode: bool
-    ) -> AsyncIterator[tuple[str, Any]]:
-        started, last_metrics = job.enqueued_at, time.monotonic()
+    # Helpers -------------------------------------------------------------------------
+
+    async def _collect(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
+        batches, stats = [], None
+        _, events = await self.events(resolved)
+        async with contextlib.aclosing(events):
+            async for name, data, _ in events:
+                if name == "samples":
+                    batches.append(data)
+                elif name == "done":
+                    stats = data
+                elif name == "error":
+                    raise error_from(data)
+        shape = resolved.generator.manifest.sample_shape
+        return (torch.cat(batches) if batches else torch.empty(0, *shape)), stats
+
+    async def _events(self, resolved: Resolved, block: ChainBlock) -> AsyncIterator[Event]:
+        started, last_metrics = block.enqueued_at, time.monotonic()
         interval = self.settings.metrics_interval_s
-        fid = await self._running_fid(resolved)
+        fid = self._running_fid(resolved)
         labels = self._labels(resolved)
-        emitted, error = 0, None
+        emitted, error, index = 0, None, 0
         try:
             while True:
                 try:
-                    samples = await job.next_samples(timeout=interval)
+                    samples = await block.next_samples(timeout=interval)
                 except StreamDone:
                     break
                 if samples is not None:
@@ -120,44 +116,49 @@ class SamplingService:
                     emitted += len(samples)
                     if fid is not None:
                         await fid.update(samples)
-                    yield "samples", ({"samples": samples.double().tolist()} if encode else samples)
+                    index += 1
+                    yield "samples", samples, str(index)
                 if time.monotonic() - last_metrics >= interval:
                     last_metrics = time.monotonic()
-                    yield "metrics", self._progress(job, emitted, started, fid)
-            outcome = job.future.result()
-            yield "metrics", self._progress(job, emitted, started, fid)
-            yield "done", self._stats(resolved, [outcome], emitted, time.monotonic() - started)
+                    index += 1
+                    yield "metrics", self._progress(block, emitted, started, fid), str(index)
+            outcome = block.future.result()
+            yield "metrics", self._progress(block, emitted, started, fid), str(index + 1)
+            seconds = time.monotonic() - started
+            yield "done", self._stats(resolved, [outcome], emitted, seconds), str(index + 2)
         except ServiceError as failure:
             error = failure
-            yield "error", {"detail": failure.message}
+            yield "error", failure.wire(), str(index + 1)
         except BaseException as failure:  # the client left (cancelled or generator closed)
             error = failure
             raise
         finally:
-            job.cancel()
+            block.cancel()
             self._count(resolved, error, time.monotonic() - started)
 
-    # Helpers -------------------------------------------------------------------------
-
-    def _submit(self, resolved: methods.Resolved) -> list[Job]:
+    def _submit(self, resolved: Resolved) -> list[ChainBlock]:
+        """The request's blocks, queued: one stream block, or final-mode blocks of the
+        batch size (each can share a batch with other requests)."""
         device = self.registry.device
         if resolved.stream:
-            generators, blocks = seed_blocks(resolved.seed, resolved.chains, 0, device)
+            generators, rows = seed_blocks(resolved.seed, resolved.chains, 0, device)
+            params = resolved.body.params
             specs = [
-                JobSpec(
-                    resolved.chains, resolved.steps, generators, blocks, resolved.options,
-                    stream=True, thin=resolved.body.params.thin, target=resolved.body.n,
+                BlockSpec(
+                    resolved.chains, resolved.steps, generators, rows, resolved.options,
+                    stream=True, thin=params.thin, target=resolved.body.n,
                 )
             ]  # fmt: skip
-        else:  # final: blocks of the batch size, so each can share a batch with others
-            per_job = max(1, self.settings.max_batch_size // SEED_BLOCK_ROWS) * SEED_BLOCK_ROWS
+        else:
+            per_block = max(1, self.settings.max_batch_size // SEED_BLOCK_ROWS) * SEED_BLOCK_ROWS
             specs = []
-            for first in range(0, resolved.chains, per_job):
-                rows = min(per_job, resolved.chains - first)
-                block = first // SEED_BLOCK_ROWS
-                generators, blocks = seed_blocks(resolved.seed, rows, block, device)
-                specs.append(JobSpec(rows, resolved.steps, generators, blocks, resolved.options))
-        plan = lambda: methods.MethodPlan(resolved, self._pilots, device)  # noqa: E731
+            for first in range(0, resolved.chains, per_block):
+                count = min(per_block, resolved.chains - first)
+                generators, rows = seed_blocks(
+                    resolved.seed, count, first // SEED_BLOCK_ROWS, device
+                )
+                specs.append(BlockSpec(count, resolved.steps, generators, rows, resolved.options))
+        plan = lambda: MethodPlan(resolved, self._pilots, device)  # noqa: E731
         loop = asyncio.get_running_loop()
         try:
             return self.engine.submit(resolved.key, self._labels(resolved), plan, specs, loop)
@@ -165,36 +166,7 @@ class SamplingService:
             self._count(resolved, error)
             raise
 
-    async def _check_shapes(self, resolved: methods.Resolved) -> None:
-        """Run the models once on two latents: mismatched shapes become a clear 422."""
-        key = resolved.key[:2] + resolved.key[4:]
-        if key in self._compatible or resolved.discriminator is None:
-            return
-        models = methods.build_models(resolved)
-
-        def check() -> None:
-            with torch.inference_mode():
-                x = models.generator(torch.zeros(2, models.latent_dim, device=self.registry.device))
-                if models.markov_proposal is not None:
-                    moved = models.markov_proposal(
-                        x, _TwoRowNoise(x.device), torch.ones(2, device=x.device)
-                    )
-                    _expect(tuple(moved.shape), tuple(x.shape), "the proposal's output")
-                out = models.log_ratio(x) if models.log_ratio else models.log_pair(x, x)
-                _expect(tuple(out.shape), (2,), f"{resolved.discriminator.ref}'s output")
-
-        try:
-            await asyncio.to_thread(check)
-        except (BadModelFile, RuntimeError, ValueError, TypeError, AssertionError) as error:
-            message = getattr(error, "message", str(error))
-            raise InvalidRequest(
-                f"{resolved.discriminator.ref} cannot score {resolved.generator.ref}'s samples: "
-                f"{message}",
-                ("discriminator",),
-            ) from None
-        self._compatible.add(key)
-
-    async def _running_fid(self, resolved: methods.Resolved) -> RunningFid | None:
+    def _running_fid(self, resolved: Resolved) -> RunningFid | None:
         manifest = resolved.generator.manifest
         if resolved.generator.reference is None or manifest.features is None:
             return None
@@ -205,20 +177,22 @@ class SamplingService:
         reference = resolved.generator.reference
         return RunningFid(features, reference, self.metrics, self._labels(resolved))
 
-    def _progress(self, job: Job, emitted: int, started: float, fid: RunningFid | None) -> dict:
+    def _progress(
+        self, block: ChainBlock, emitted: int, started: float, fid: RunningFid | None
+    ) -> dict:
         seconds = max(time.monotonic() - started, 1e-9)
         return {
             "samples": emitted,
-            "proposals": job.proposals,
-            "accepted": job.accepted,
-            "acceptance_rate": job.accepted / max(job.proposals, 1),
-            "proposals_per_second": job.proposals / seconds,
+            "proposals": block.proposals,
+            "accepted": block.accepted,
+            "acceptance_rate": block.accepted / max(block.proposals, 1),
+            "proposals_per_second": block.proposals / seconds,
             "fid": fid.value() if fid else None,
             "fid_samples": fid.count if fid else 0,
         }
 
     def _stats(
-        self, resolved: methods.Resolved, outcomes: list[JobOutcome], n: int, seconds: float
+        self, resolved: Resolved, outcomes: list[BlockOutcome], n: int, seconds: float
     ) -> dict[str, Any]:
         proposals = sum(o.proposals for o in outcomes)
         accepted = sum(o.accepted for o in outcomes)
@@ -239,10 +213,10 @@ class SamplingService:
             "calibration": resolved.calibration,
         }
 
-    def _labels(self, resolved: methods.Resolved) -> tuple[str, str]:
+    def _labels(self, resolved: Resolved) -> tuple[str, str]:
         return resolved.generator.name, resolved.method
 
-    def _count(self, resolved: methods.Resolved, error: BaseException | None, seconds=None) -> None:
+    def _count(self, resolved: Resolved, error: BaseException | None, seconds=None) -> None:
         if error is None:
             outcome = "ok"
         elif isinstance(error, EngineFailure):
@@ -255,67 +229,3 @@ class SamplingService:
         self.metrics.sample_requests.labels(*labels, outcome).inc()
         if seconds is not None and outcome == "ok":
             self.metrics.sample_duration.labels(*labels).observe(seconds)
-
-
-class RunningFid:
-    """FID of everything a stream emitted so far, against the generator's reference stats.
-
-    A features model or reference that does not fit the samples turns the FID off for
-    that stream (logged once) rather than breaking the stream.
-    """
-
-    def __init__(self, features: Any, reference: Any, metrics: Metrics, labels: tuple[str, str]):
-        from evaluation.stats import FeatureStats
-
-        self.module = features.module
-        self.stats = FeatureStats(features.manifest.feature_dim)
-        self.reference, self.gauge = reference, metrics.running_fid.labels(*labels)
-        self.device = next(iter(features.module.parameters()), torch.zeros(0)).device
-        self.broken = False
-
-    @property
-    def count(self) -> int:
-        return self.stats.count
-
-    async def update(self, samples: torch.Tensor) -> None:
-        def add() -> None:
-            with torch.inference_mode():
-                features = self.module(samples.to(self.device)).reshape(len(samples), -1)
-            self.stats.update(features.double().cpu().numpy())
-
-        if not self.broken:
-            try:
-                await asyncio.to_thread(add)
-            except (ValueError, RuntimeError) as error:
-                self._break(error)
-
-    def value(self) -> float | None:
-        if self.broken or self.stats.count < 2:
-            return None
-        try:
-            fid = float(self.stats.fid_to(self.reference))
-        except (ValueError, RuntimeError) as error:
-            return self._break(error)
-        self.gauge.set(fid)
-        return fid
-
-    def _break(self, error: Exception) -> None:
-        self.broken = True
-        log.warning("running FID turned off for this stream: %s", error)
-
-
-class _TwoRowNoise:
-    """Stand-in Noise for the shape check: zeros, two rows."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.batch_size, self.rows = device, 2, [2]
-
-    def normal(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.zeros(2, *shape, dtype=dtype, device=self.device)
-
-    uniform = normal
-
-
-def _expect(shape: tuple, expected: tuple, what: str) -> None:
-    if shape != expected:
-        raise ValueError(f"{what} has shape {shape} for 2 inputs, expected {expected}")

@@ -181,12 +181,12 @@ def test_filter_job_returns_the_chain_s_indices_and_calibrated_scores(cluster):
 
     # Scores are the calibrated discriminator's, computed here independently.
     from service.models.registry import ZOO_STORE, Registry
-    from service.online import resolve as methods
+    from service.online.plan import calibrated_logit
 
     registry = Registry(torch.device("cpu"))
     registry.load_store(ZOO_STORE, "zoo")
     d = registry.get("toy25-d")
-    expected = methods.calibrated_logit(d, d.manifest.default_calibration)
+    expected = calibrated_logit(d, d.manifest.default_calibration)
     with torch.inference_mode():
         reference = expected(torch.from_numpy(candidates)).double().numpy()
     np.testing.assert_allclose(log_ratio, reference, rtol=1e-5, atol=1e-5)

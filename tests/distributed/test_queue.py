@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from service.batch.shards import ShardRunner
 from service.batch.store import JobStore
 from service.distributed.connection import Broker
 from service.distributed.keys import JOBS
@@ -34,10 +34,11 @@ def settings(**extra) -> Settings:
     return Settings(zoo=False, claim_idle_s=0.3, heartbeat_s=0.2, max_deliveries=2, **extra)
 
 
-class Runner:
-    """Stands in for ShardRunner: raises (a crash) or waits, counting calls."""
+class Runner(ShardRunner):
+    """ShardRunner whose shards raise (a crash) or wait, counting calls."""
 
-    def __init__(self, crash: bool = False, hold_s: float = 0.0):
+    def __init__(self, store: JobStore, metrics: Metrics, crash: bool = False, hold_s=0.0):
+        super().__init__(store, None, None, metrics)
         self.crash, self.hold_s, self.calls = crash, hold_s, 0
 
     async def run(self, job_id: str, shard: int) -> tuple[str, str]:
@@ -49,8 +50,7 @@ class Runner:
 
 
 def worker_for(broker, runner, store, metrics, **extra) -> Worker:
-    sampling = SimpleNamespace(registry=SimpleNamespace(device="cpu"))
-    return Worker(broker, settings(**extra), metrics, sampling, runner, store, name="w1")
+    return Worker(broker, settings(**extra), metrics, [runner], name="w1")
 
 
 async def until(check, timeout: float = 10.0) -> None:
@@ -63,7 +63,8 @@ async def until(check, timeout: float = 10.0) -> None:
 def test_a_poison_shard_is_dead_lettered_and_fails_its_job(broker):
     async def main():
         b = await broker()
-        store, metrics, runner = JobStore(b, 60), Metrics(), Runner(crash=True)
+        store, metrics = JobStore(b, 60), Metrics()
+        runner = Runner(store, metrics, crash=True)
         job_id = await store.create("generate", {}, 10, [10], (2,))
         worker = worker_for(b, runner, store, metrics)
         task = asyncio.create_task(worker.run())
@@ -113,7 +114,8 @@ def test_a_shard_result_is_written_once(broker):
 def test_cancelling_a_job_stops_its_running_shard(broker):
     async def main():
         b = await broker()
-        store, metrics, runner = JobStore(b, 60), Metrics(), Runner(hold_s=30)
+        store, metrics = JobStore(b, 60), Metrics()
+        runner = Runner(store, metrics, hold_s=30)
         job_id = await store.create("generate", {}, 10, [10], (2,))
         worker = worker_for(b, runner, store, metrics)
         task = asyncio.create_task(worker.run())

@@ -14,7 +14,7 @@ from samplers import Kernel, Noise, run_final
 from samplers.methods import DEFAULTS, Models, prepare
 from service.errors import EngineFailure, QueueFull
 from service.metrics import Metrics
-from service.online.chains import JobSpec, StreamDone, seed_blocks
+from service.online.chains import BlockSpec, StreamDone, seed_blocks
 from service.online.engine import Engine, EngineConfig
 from tests.samplers import targets
 
@@ -36,12 +36,12 @@ class ToyPlan:
         self.fail_steps, self.gate = fail_steps, gate
         self.entered = threading.Event()
 
-    def start(self, spec: JobSpec, noise: Noise):
+    def start(self, spec: BlockSpec, noise: Noise):
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10), "test gate never opened"
         if spec.options.get("fail"):
-            raise RuntimeError("this job's start fails")
+            raise RuntimeError("this block's start fails")
         options = {k: v for k, v in spec.options.items() if k in DEFAULTS["imh"]}
         kernel, state = prepare("imh", MODELS, options, noise)
         return Kernel(self._recording(kernel.step), kernel.output, kernel.restart), state
@@ -60,10 +60,10 @@ class ToyPlan:
         return 0
 
 
-def spec(seed: int, rows: int, steps: int, **kwargs) -> JobSpec:
+def spec(seed: int, rows: int, steps: int, **kwargs) -> BlockSpec:
     generators, blocks = seed_blocks(seed, rows, 0, CPU)
     options = kwargs.pop("options", {"init": "real"})
-    return JobSpec(rows, steps, generators, blocks, options, **kwargs)
+    return BlockSpec(rows, steps, generators, blocks, options, **kwargs)
 
 
 def make_engine(**config) -> Engine:
@@ -71,7 +71,7 @@ def make_engine(**config) -> Engine:
     return Engine(EngineConfig(**(defaults | config)), Metrics())
 
 
-def submit(engine: Engine, plan: ToyPlan, *specs: JobSpec, key: str = "group"):
+def submit(engine: Engine, plan: ToyPlan, *specs: BlockSpec, key: str = "group"):
     return engine.submit(key, LABELS, lambda: plan, list(specs), asyncio.get_running_loop())
 
 
@@ -94,10 +94,10 @@ def test_rows_of_concurrent_requests_share_a_batch_up_to_max_batch_size():
         engine, plan = make_engine(max_batch_size=16, batch_wait_s=0.5), ToyPlan()
         try:
             # Ray's rule: the group waits (here up to 0.5 s) for more rows after the first
-            # job, but starts as soon as the batch is full: 8 + 8 rows fill it at once.
+            # block, but starts as soon as the batch is full: 8 + 8 rows fill it at once.
             no_restarts = {"init": "generator"}
-            jobs = [submit(engine, plan, spec(s, 8, 3, options=no_restarts))[0] for s in range(3)]
-            await asyncio.gather(*(job.result() for job in jobs))
+            blocks = [submit(engine, plan, spec(s, 8, 3, options=no_restarts))[0] for s in range(3)]
+            await asyncio.gather(*(block.result() for block in blocks))
         finally:
             engine.close()
         return plan.batch_sizes
@@ -105,7 +105,31 @@ def test_rows_of_concurrent_requests_share_a_batch_up_to_max_batch_size():
     batch_sizes = asyncio.run(main())
     assert batch_sizes[0] == 16, batch_sizes
     assert max(batch_sizes) <= 16
-    assert batch_sizes[3:] == [8, 8, 8]  # the third job ran once the first two left
+    # Three blocks of 8 rows and 3 steps share full batches: 72 rows in 5 steps, not 6.
+    assert batch_sizes == [16, 16, 16, 16, 8], batch_sizes
+
+
+def test_a_newcomer_gets_rows_at_the_next_step_whatever_runs_already():
+    async def main():
+        engine, plan = make_engine(max_batch_size=64), ToyPlan()
+        try:
+            no_restarts = {"init": "generator"}
+            [big] = submit(engine, plan, spec(0, 64, 10**6, options=no_restarts))
+            await wait_for(lambda: len(plan.batch_sizes) >= 3)
+            [small] = submit(engine, plan, spec(1, 4, 5, options=no_restarts))
+            steps_before = len(plan.batch_sizes)
+            await small.result()
+            steps_taken = len(plan.batch_sizes) - steps_before
+            big.cancel()
+            return steps_taken, plan.batch_sizes[steps_before:]
+        finally:
+            engine.close()
+
+    steps_taken, sizes = asyncio.run(main())
+    # The big block fills the batch alone, so the two take turns: 5 small steps cost at
+    # most 5 big ones (plus the step that was running when the newcomer arrived).
+    assert steps_taken <= 2 * 5 + 1, sizes
+    assert 4 in sizes[:2], sizes
 
 
 def test_a_seed_gives_the_same_samples_whoever_shares_the_batch():
@@ -114,8 +138,8 @@ def test_a_seed_gives_the_same_samples_whoever_shares_the_batch():
     async def sample(seeds):
         engine = make_engine()
         try:
-            jobs = submit(engine, ToyPlan(), *(spec(seed, rows, steps) for seed in seeds))
-            return await asyncio.gather(*(job.result() for job in jobs))
+            blocks = submit(engine, ToyPlan(), *(spec(seed, rows, steps) for seed in seeds))
+            return await asyncio.gather(*(block.result() for block in blocks))
         finally:
             engine.close()
 
@@ -136,12 +160,12 @@ def test_cancelling_a_stream_frees_its_chains():
     async def main():
         engine = make_engine()
         try:
-            [job] = submit(engine, ToyPlan(), spec(0, 64, 10**7, stream=True, target=10**9))
-            await job.next_samples(timeout=10)
+            [block] = submit(engine, ToyPlan(), spec(0, 64, 10**7, stream=True, target=10**9))
+            await block.next_samples(timeout=10)
             await wait_for(lambda: active_chains(engine) == 64)
-            job.cancel()
+            block.cancel()
             await wait_for(lambda: active_chains(engine) == 0)
-            assert not job.future.done()  # dropped, not finished
+            assert not block.future.done()  # dropped, not finished
         finally:
             engine.close()
 
@@ -154,19 +178,19 @@ def test_a_slow_stream_client_pauses_its_chains_and_loses_nothing():
     async def main():
         engine = make_engine(buffer_events=limit)
         try:
-            [job] = submit(engine, ToyPlan(), spec(1, 16, 10**6, stream=True, target=target))
-            await wait_for(lambda: job.events.qsize() >= limit)
-            steps_when_full = job.steps_done
+            [block] = submit(engine, ToyPlan(), spec(1, 16, 10**6, stream=True, target=target))
+            await wait_for(lambda: block.events.qsize() >= limit)
+            steps_when_full = block.steps_done
             await asyncio.sleep(0.05)  # give a broken engine time to run ahead
-            assert job.events.qsize() <= limit and job.steps_done == steps_when_full
+            assert block.events.qsize() <= limit and block.steps_done == steps_when_full
             received = 0
             while True:
                 try:
-                    batch = await job.next_samples(timeout=10)
+                    batch = await block.next_samples(timeout=10)
                 except StreamDone:
                     break
                 received += len(batch)
-                assert job.events.qsize() <= limit + 1
+                assert block.events.qsize() <= limit + 1
             return received
         finally:
             engine.close()
@@ -180,8 +204,8 @@ def test_a_full_queue_rejects_new_requests():
         engine, plan = make_engine(max_queued_rows=10), ToyPlan(gate=gate)
         try:
             [first] = submit(engine, plan, spec(0, 4, 2))
-            await asyncio.to_thread(plan.entered.wait, 10)  # first job left the queue
-            [second] = submit(engine, plan, spec(1, 8, 2))
+            await asyncio.to_thread(plan.entered.wait, 10)  # first block left the queue
+            [second] = submit(engine, plan, spec(1, 4, 2))  # 8 rows held: fits
             with pytest.raises(QueueFull):
                 submit(engine, plan, spec(2, 4, 2))
             gate.set()
@@ -229,11 +253,11 @@ def test_an_idle_group_exits_and_a_new_request_starts_another():
     async def main():
         engine, plan = make_engine(idle_s=0.05), ToyPlan()
         try:
-            [job] = submit(engine, plan, spec(0, 4, 2))
-            await job.result()
+            [block] = submit(engine, plan, spec(0, 4, 2))
+            await block.result()
             await wait_for(lambda: engine.groups == 0)
-            [job] = submit(engine, plan, spec(1, 4, 2))
-            return await job.result()
+            [block] = submit(engine, plan, spec(1, 4, 2))
+            return await block.result()
         finally:
             engine.close()
 

@@ -120,7 +120,7 @@ def test_not_ready_and_a_full_queue_answer_503_with_retry_after(tmp_path):
         raise QueueFull("the scheduler queue is full (8192 rows waiting)")
 
     state = app.state.imh
-    state.ready, state.sampling.resolve = True, full
+    state.runtime.ready, state.runtime.backend.resolve = True, full
     response = in_process(app, "POST", "/v1/sample", json=body)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "queue is full" in response.json()["detail"]

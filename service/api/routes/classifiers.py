@@ -76,14 +76,14 @@ FIT_BODY = {
 }
 
 
-async def get_classifiers(state: StateDep, request: Request) -> ClassifierService:
-    if not state.ready:
+async def get_classifiers(state: StateDep) -> ClassifierService:
+    if not state.runtime.ready:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            "models are still loading; retry shortly",
+            state.runtime.startup_error or "models are still loading; retry shortly",
             headers={"Retry-After": "1"},
         )
-    return request.app.state.classifiers
+    return state.classifiers
 
 
 ClassifiersDep = Annotated[ClassifierService, Depends(get_classifiers)]

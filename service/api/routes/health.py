@@ -27,17 +27,18 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "loading, loading failed, Redis down or no worker"}},
 )
 async def readyz(state: StateDep) -> JSONResponse:
-    health = state.health
+    runtime = state.runtime
+    health = runtime.health
     body = {
-        "mode": "distributed" if state.distributed else "embedded",
+        "mode": "distributed" if runtime.distributed else "embedded",
         "models": len(state.registry.all()),
         "load_errors": len(state.registry.load_errors),
         "redis": "up" if health.redis_up else "down",
         "workers": health.workers,
     }
-    reason = state.unavailable(need_worker=True)
+    reason = runtime.unavailable(need_worker=True)
     if reason is not None:
-        status_name = "loading" if not state.ready else "unavailable"
+        status_name = "loading" if not runtime.ready else "unavailable"
         return JSONResponse(
             {"status": status_name, "detail": reason, **body},
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -59,14 +60,15 @@ async def metrics(state: StateDep) -> Response:
 
 async def _queue_gauges(state: StateDep) -> None:
     """Queue depth, jobs by state, workers and Redis health, read from Redis now."""
-    m, health = state.metrics, state.health
+    m, runtime = state.metrics, state.runtime
+    health = runtime.health
     m.workers.set(health.workers)
     m.redis_up.set(1 if health.redis_up else 0)
-    if not (state.ready and health.redis_up):
+    if not (runtime.ready and health.redis_up):
         return
     try:
         for stream in STREAMS:
-            m.queue_depth.labels(stream).set(await depth(state.broker, stream))
+            m.queue_depth.labels(stream).set(await depth(runtime.broker, stream))
         await state.jobs.update_gauges()
     except (RedisError, OSError):
         m.redis_up.set(0)

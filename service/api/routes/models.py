@@ -164,11 +164,12 @@ async def delete_model(
 
 async def _announce(state: StateDep, op: str, name: str, version: str) -> None:
     """Distributed mode: workers sharing IMH_MODEL_STORE load or drop the model too."""
-    if not state.distributed:
+    if not state.runtime.distributed:
         return
     message = json.dumps({"op": op, "name": name, "version": version})
     try:
-        await state.broker.redis.publish(state.broker.keys.models, message)
+        broker = state.runtime.broker
+        await broker.redis.publish(broker.keys.models, message)
     except (RedisError, OSError) as error:
         log.warning("could not tell the workers about %s %s:%s: %s", op, name, version, error)
 

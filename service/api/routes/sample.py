@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.api import encoding
 from service.api.deps import SamplingDep
-from service.distributed.remote import RemoteSampling
+from service.online.backend import Event
 from service.online.schemas import SampleCreate, SamplePublic
 
 router = APIRouter(prefix="/v1", tags=["sample"])
@@ -107,11 +107,9 @@ async def sample_stream(
 ) -> EventStreamResponse:
     resolved = await service.resolve(body, stream=True)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    if isinstance(service, RemoteSampling):  # events carry Redis stream ids: resumable
-        request_id, events = await service.events(resolved)
+    request_id, events = await service.events(resolved)
+    if request_id is not None:  # events carry Redis stream ids: resumable
         headers["X-IMH-Request-Id"] = request_id
-    else:
-        events = service.events(resolved)
     return _stream_response(events, accept, headers)
 
 
@@ -130,8 +128,6 @@ async def resume_stream(
     last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> EventStreamResponse:
-    if not isinstance(service, RemoteSampling):
-        raise HTTPException(404, "streams resume in distributed mode only (IMH_REDIS_URL)")
     events = await service.resume(request_id, last_event_id or "0")
     headers = {"Cache-Control": "no-cache", "X-IMH-Request-Id": request_id}
     return _stream_response(events, accept, headers)
@@ -146,20 +142,24 @@ def _stream_response(events, accept: str | None, headers: dict) -> EventStreamRe
     )
 
 
-async def _sse(events: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
-    """Events are (name, data) in-process, (name, data, stream id) from Redis."""
+async def _sse(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
     try:
-        index = 0
-        async for name, data, *event_id in events:
-            index += 1
-            yield encoding.sse_frame(event_id[0] if event_id else index, name, data)
+        async for name, data, event_id in events:
+            yield encoding.sse_frame(event_id, name, _public(name, data))
     finally:
         await events.aclose()
 
 
-async def _ndjson(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[bytes]:
+async def _ndjson(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
     try:
-        async for name, data, *_ in events:
-            yield encoding.json_bytes({"event": name, **data}) + b"\n"
+        async for name, data, _ in events:
+            yield encoding.json_bytes({"event": name, **_public(name, data)}) + b"\n"
     finally:
         await events.aclose()
+
+
+def _public(name: str, data: Any) -> dict[str, Any]:
+    """An event's JSON: sample arrays become nested lists (float32 printed exactly)."""
+    if name == "samples":
+        return {"samples": encoding.as_lists(data)}
+    return data

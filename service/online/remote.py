@@ -30,7 +30,8 @@ from service.distributed.codec import unpack
 from service.distributed.connection import BLOCK_MS, Broker, Health
 from service.distributed.keys import ONLINE
 from service.errors import ModelNotFound, Unavailable, error_from
-from service.online import resolve as methods
+from service.online.backend import Event
+from service.online.resolve import Resolved
 from service.online.schemas import SampleCreate, request_dict
 from service.online.service import SamplingService
 from service.settings import Settings
@@ -40,6 +41,8 @@ REDIS_GIVE_UP_S = 30.0  # a reader waits this long for Redis to come back
 
 
 class RemoteSampling:
+    """The `SamplingBackend` of an API front end in distributed mode."""
+
     def __init__(self, local: SamplingService, broker: Broker, health: Health, settings: Settings):
         self.local, self.broker, self.health, self.settings = local, broker, health, settings
         self.redis, self.keys = broker.redis, broker.keys
@@ -49,10 +52,10 @@ class RemoteSampling:
     def registry(self):
         return self.local.registry
 
-    async def resolve(self, body: SampleCreate, stream: bool) -> methods.Resolved:
+    async def resolve(self, body: SampleCreate, stream: bool) -> Resolved:
         return await self.local.resolve(body, stream)
 
-    async def sample(self, resolved: methods.Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
+    async def sample(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
         request_id = await self._submit(resolved)
         batches, stats, finished = [], None, False
         try:
@@ -68,22 +71,19 @@ class RemoteSampling:
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.delete(self.keys.lease(request_id))
 
-    async def events(
-        self, resolved: methods.Resolved, encode: bool = True
-    ) -> tuple[str, AsyncIterator[tuple[str, Any, str]]]:
-        """(request id, events); submits at once, so errors raise before the first event."""
+    async def events(self, resolved: Resolved) -> tuple[str | None, AsyncIterator[Event]]:
         request_id = await self._submit(resolved)
-        return request_id, self._events(request_id, "0", encode)
+        return request_id, self._relay(request_id, "0", errors_as_events=True)
 
-    async def resume(self, request_id: str, last_event_id: str) -> AsyncIterator[tuple]:
+    async def resume(self, request_id: str, last_event_id: str) -> AsyncIterator[Event]:
         if not await self._call(lambda: self.redis.exists(self.keys.request(request_id))):
             raise ModelNotFound(f"no stream {request_id!r} (unknown, or expired)")
         await self._call(lambda: self.redis.set(self.keys.lease(request_id), 1, px=self.lease_ms))
-        return self._events(request_id, last_event_id, True)
+        return self._relay(request_id, last_event_id, errors_as_events=True)
 
     # Helpers -------------------------------------------------------------------------
 
-    async def _submit(self, resolved: methods.Resolved) -> str:
+    async def _submit(self, resolved: Resolved) -> str:
         if not self.health.redis_up:
             raise Unavailable(self.health.error or "Redis is unreachable")
         if self.health.workers == 0:
@@ -101,12 +101,6 @@ class RemoteSampling:
 
         await self._call(submit)
         return request_id
-
-    async def _events(self, request_id: str, after: str, encode: bool):
-        async for name, data, event_id in self._relay(request_id, after, errors_as_events=True):
-            if name == "samples" and encode:
-                data = {"samples": data.astype("float64").tolist()}
-            yield name, data, event_id
 
     async def _relay(
         self, request_id: str, after: str, errors_as_events: bool = False
@@ -126,7 +120,7 @@ class RemoteSampling:
                 if time.monotonic() - down_since > REDIS_GIVE_UP_S:
                     failure = Unavailable(f"lost Redis while streaming: {error}")
                     if errors_as_events:
-                        yield "error", {"status": 503, "detail": failure.message}, after
+                        yield "error", failure.wire(), after
                         return
                     raise failure from None
                 await asyncio.sleep(0.5)
@@ -144,9 +138,9 @@ class RemoteSampling:
                 data = json.loads(fields[b"data"])
                 if name == "error":
                     if errors_as_events:
-                        yield name, {"detail": data["detail"]}, after
+                        yield name, data, after
                         return
-                    raise error_from(data["status"], data["detail"], tuple(data.get("field", ())))
+                    raise error_from(data)
                 yield name, data, after
                 if name == "done":
                     return
