@@ -1,29 +1,33 @@
-"""Batched MCMC kernels over tensors: imh, drs, markov, pcn, mala.
+"""Batched MCMC kernels over tensors: imh, drs, markov, pcn, mala, isir, ex2mcmc.
 
-Each module exports `State`, its `init` functions and `build(...) -> Kernel`; rows are
-independent chains. No HTTP, no Redis here.
+Each module exports `State`, its `init` functions, `build(...) -> Kernel` and its
+`METHOD` spec (options, needs, start); rows are independent chains. `samplers.methods`
+holds the table of methods. No HTTP, no Redis here.
 """
 
-from samplers import drs, imh, mala, markov, pcn, proposals
-from samplers._core import Info, Kernel, Noise, concat, make_generator, split, take
+from samplers import drs, ex2mcmc, imh, isir, mala, markov, pcn, proposals
+from samplers._core import Info, Kernel, Noise, concat, make_generator, put, split, take
 from samplers.chain import Result, run_final, run_stream
-
-METHODS = ("none", "imh", "drs", "markov", "pcn", "mala")
+from samplers.methods import METHODS, TABLE
 
 __all__ = [
     "METHODS",
+    "TABLE",
     "Info",
     "Kernel",
     "Noise",
     "Result",
     "concat",
     "drs",
+    "ex2mcmc",
     "imh",
+    "isir",
     "make_generator",
     "mala",
     "markov",
     "pcn",
     "proposals",
+    "put",
     "run_final",
     "run_stream",
     "split",

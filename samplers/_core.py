@@ -17,10 +17,23 @@ S = TypeVar("S", bound=tuple)
 
 
 class Info(NamedTuple):
-    """Diagnostics of one step, one entry per row."""
+    """Diagnostics of one step, one entry per row.
+
+    The last two fields are optional (None where a kernel has nothing to say), so
+    `Info(is_accepted, log_ratio)` still builds one.
+
+    in_warmup: rows whose step was a warm-up step (a step-size adaptation step). Their
+    states belong to no exact chain yet: drivers neither emit them in stream mode nor
+    trace them for diagnostics. None: the method has no warm-up.
+    trace: the scalar per chain that convergence diagnostics follow, after this step (the
+    log target for latent methods, the calibrated logit of the current sample for imh).
+    None where no such scalar exists (drs trials are i.i.d., not a chain).
+    """
 
     is_accepted: torch.Tensor  # (B,) bool
     log_ratio: torch.Tensor  # (B,) log acceptance ratio; NaN counts as rejection
+    in_warmup: torch.Tensor | None = None  # (B,) bool
+    trace: torch.Tensor | None = None  # (B,) float
 
     @property
     def acceptance_probability(self) -> torch.Tensor:
@@ -85,6 +98,27 @@ class Noise:
         """U(0, 1) draws of shape (B, *shape)."""
         return self._draw(torch.rand, shape, dtype)
 
+    def normal_per_row(self, counts: torch.Tensor, *shape: int) -> torch.Tensor:
+        """counts[i] standard normal draws of `shape` for row i, as (B, max count, *shape).
+
+        Each block draws as many per row as its own rows need at most (rows of one block
+        belong to one request, so they share the count), and pads with zeros after: a
+        row's draws never depend on what other requests in the batch ask for.
+        """
+        counts = counts.long().cpu()
+        width = int(counts.max()) if len(counts) else 0
+        blocks, first = [], 0
+        for generator, n in zip(self.generators, self.rows, strict=True):
+            if n == 0:
+                continue
+            k = int(counts[first : first + n].max())
+            draw = torch.randn((n, k, *shape), generator=generator, device=self.device)
+            blocks.append(torch.nn.functional.pad(draw, (0, 0) * len(shape) + (0, width - k)))
+            first += n
+        if not blocks:
+            return torch.empty((0, width, *shape), device=self.device)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     generator = torch.Generator(device=torch.device(device))
@@ -127,6 +161,14 @@ def take(state: S, index: torch.Tensor | slice) -> S:
     return type(state)(*(field[index] for field in state))
 
 
+def put(state: S, mask: torch.Tensor, part: S) -> S:
+    """`state` with its rows `mask` replaced by the rows of `part` (inverse of `take`)."""
+    index = mask.nonzero().squeeze(1)
+    return type(state)(
+        *(whole.index_copy(0, index, new) for whole, new in zip(state, part, strict=True))
+    )
+
+
 def split(state: S, rows: Sequence[int]) -> list[S]:
     """Inverse of `concat`: cut a batch into consecutive blocks of `rows` rows."""
     fields = [torch.split(field, list(rows)) for field in state]
@@ -145,11 +187,16 @@ class Kernel(NamedTuple):
     output(state) -> (B, *shape) is what each row would return now (never a real point).
     restart(state) -> (state, restarted) lets a chain that never left its real starting
     point start again from its first proposal; None for methods without real starts.
+    done(state) -> (B,) bool marks rows that need no more steps in final mode (a drs row
+    that accepted, or spent its proposal budget): final-mode drivers step only the other
+    rows, until none is left, whatever the step count. None for chains, which run their
+    steps.
     """
 
     step: Any
     output: Any
     restart: Any = None
+    done: Any = None
 
 
 def restart_from_first(state: S, fields: dict[str, str]) -> tuple[S, torch.Tensor]:

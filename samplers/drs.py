@@ -21,16 +21,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn import functional as F
 
+from samplers import proposals
 from samplers._core import Info, Kernel, Noise, accept, per_row, where_rows
 from samplers.proposals import IndependentProposal
+from samplers.spec import MethodError, MethodSpec, Models, Option, need
 
 LogRatio = Callable[[torch.Tensor], torch.Tensor]
 PILOT_SIZE = 10_000
+PILOT_ROWS = 2000
+MAX_PROPOSALS = 10_000  # default proposal budget per sample (final mode)
+GAMMA_PERCENTILE = None  # default shift rule; None: the fixed gamma (0, exact)
 
 
 class State(NamedTuple):
@@ -39,6 +44,8 @@ class State(NamedTuple):
     log_max: torch.Tensor  # (B,) running maximum of l over the pilot and every proposal
     gamma: torch.Tensor  # (B,) acceptance shift; 0 is exact
     eps: torch.Tensor  # (B,) keeps log(1 - exp(.)) finite at the maximum
+    trials: torch.Tensor  # (B,) int64 proposals made
+    budget: torch.Tensor  # (B,) int64 final mode: proposals a row may make for its sample
 
 
 @torch.inference_mode()
@@ -77,6 +84,7 @@ def init(
     log_max: float | torch.Tensor,
     gamma: float | torch.Tensor = 0.0,
     eps: float | torch.Tensor = 1e-6,
+    budget: int = MAX_PROPOSALS,
 ) -> State:
     """Rows with no sample yet; `sample_like` (B, *shape) fixes shape, dtype, device."""
     rows, device = len(sample_like), sample_like.device
@@ -86,6 +94,8 @@ def init(
         per_row(log_max, rows, device),
         per_row(gamma, rows, device),
         per_row(eps, rows, device),
+        torch.zeros(rows, dtype=torch.long, device=device),
+        torch.full((rows,), int(budget), dtype=torch.long, device=device),
     )
 
 
@@ -98,21 +108,102 @@ def build(propose: IndependentProposal, log_ratio: LogRatio) -> Kernel:
         # Acceptance probability sigmoid(F) enters the MH helper as log sigmoid(F) <= 0.
         info = accept(F.logsigmoid(score(logit, log_max, state.eps) - state.gamma), noise)
         keep = info.is_accepted | ~state.has_sample
-        return State(
-            where_rows(keep, x_new, state.x),
-            state.has_sample | info.is_accepted,
-            log_max,
-            state.gamma,
-            state.eps,
+        return state._replace(
+            x=where_rows(keep, x_new, state.x),
+            has_sample=state.has_sample | info.is_accepted,
+            log_max=log_max,
+            trials=state.trials + 1,
         ), info
 
-    return Kernel(step=step, output=output, restart=restart)
+    return Kernel(step=step, output=output, done=done)
 
 
 def output(state: State) -> torch.Tensor:
+    """Each row's latest accepted proposal; its latest proposal where none was accepted
+    (`has_sample` False: the caller must report those rows, they are not DRS samples)."""
     return state.x
 
 
-def restart(state: State) -> tuple[State, torch.Tensor]:
-    """Rows without an accepted sample need another round of trials."""
-    return state, ~state.has_sample
+def done(state: State) -> torch.Tensor:
+    """Final mode: a row is finished once it accepted, or once its budget is spent."""
+    return state.has_sample | (state.trials >= state.budget)
+
+
+def model_pilot(models: Models, log_ratio: LogRatio, device: torch.device) -> torch.Tensor:
+    """The pilot on its own fixed stream, so a cached pilot equals a fresh one."""
+    propose = proposals.independent(models.generator, models.latent_dim)
+    return pilot(propose, log_ratio, Noise.seeded(0, PILOT_ROWS, device))
+
+
+def start(
+    models: Models,
+    options: dict[str, Any],
+    noise: Noise,
+    steps: int | None,
+    pilot_logits: torch.Tensor | None = None,
+) -> tuple[Kernel, State]:
+    """`pilot_logits` lets callers cache the pilot per model pair (see `model_pilot`)."""
+    log_ratio = need(models, "log_ratio", "a discriminator D(x)", "drs")
+    if pilot_logits is None:
+        pilot_logits = model_pilot(models, log_ratio, noise.device)
+    gamma = options["gamma"]
+    if options["gamma_percentile"] is not None:
+        gamma = gamma_for_percentile(pilot_logits, options["gamma_percentile"], options["eps"])
+    with torch.inference_mode():
+        sample_like = models.generator(
+            torch.zeros(noise.batch_size, models.latent_dim, device=noise.device)
+        )
+    state = init(
+        sample_like, pilot_logits.max(), gamma, options["eps"], options["max_proposals_per_sample"]
+    )
+    propose = proposals.independent(models.generator, models.latent_dim)
+    return build(propose, log_ratio), state
+
+
+def resolve(given: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:
+    """A given gamma overrides the default percentile rule and the other way round."""
+    if "gamma" in given and "gamma_percentile" in given:
+        raise MethodError("give gamma or gamma_percentile, not both")
+    if "gamma" in given:
+        return merged | {"gamma_percentile": None}
+    if merged["gamma"] is None:
+        return merged | {"gamma": 0.0}
+    return merged
+
+
+METHOD = MethodSpec(
+    name="drs",
+    summary="discriminator rejection sampling: i.i.d. proposals kept with prob. sigmoid(F)",
+    start=start,
+    options=(
+        Option(
+            "gamma",
+            float,
+            0.0 if GAMMA_PERCENTILE is None else None,
+            "fixed shift of F; 0 is exact rejection sampling, any other value is not",
+            ge=-1e3,
+            le=1e3,
+            nullable=True,
+        ),
+        Option(
+            "gamma_percentile",
+            float,
+            GAMMA_PERCENTILE,
+            "instead of gamma: this percentile of F over the pilot (the DRS paper's rule)",
+            ge=0,
+            le=100,
+            nullable=True,
+        ),
+        Option("eps", float, 1e-6, "keeps log(1 - exp(.)) finite at the maximum", gt=0, le=1),
+        Option(
+            "max_proposals_per_sample",
+            int,
+            MAX_PROPOSALS,
+            "final mode: proposals a row may make before it gives up (counted as fallback)",
+            ge=1,
+            le=10_000_000,
+        ),
+    ),
+    needs=("log_ratio",),
+    resolve=resolve,
+)

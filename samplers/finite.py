@@ -5,7 +5,8 @@ calibrated logit l_i = log p(x_i) / p_G(x_i) for each. Nothing new is proposed: 
 in order, is the proposal stream, and the result says which candidates survive.
 
 `mh_filter` (MH-GAN): consecutive blocks of `chain_length` candidates are independent
-chains. A chain starts at its block's first candidate and moves to candidate j when
+chains. A chain starts at its block's first usable candidate (below) and moves to a
+later candidate j when
 
     U_j < exp(l_j - l_state),    tested as log U_j < l_j - l_state
 
@@ -25,10 +26,17 @@ less, a negative one more; either way the accepted law is no longer p.
 U_i is the i-th float64 draw of a torch generator seeded with `seed`, so a result is a
 pure function of (log_ratio, parameters, seed).
 
-Non-finite logits: NaN counts as -inf (a zero ratio) and neither is ever accepted, except
-as an MH chain's forced first state, which the chain leaves at its first proposal with a
-finite logit. +inf (an infinite ratio): an MH chain moves to it from any other value and
-stays there to the end of its block; DRS refuses it (ValueError), its bound being infinite.
+`accepted` marks only candidates a chain moved to under the MH test (or that DRS
+accepted): never a chain's start, which was not filtered. Acceptance rate, everywhere:
+accepted / proposals, where a proposal is a candidate after its chain's start (DRS:
+every candidate).
+
+Non-finite logits: NaN counts as -inf (a zero ratio). Neither is ever accepted, and
+neither starts a chain: a chain starts at the first candidate of its block with a
+logit above -inf, and the candidates before it are skipped (no proposals; `state` -1).
+A block with no such candidate has no chain (`final` -1, `moved` False). +inf (an
+infinite ratio): an MH chain moves to it from any other value and stays there to the end
+of its block; DRS refuses it (ValueError), its bound being infinite.
 
 Example:
     >>> result = mh_filter(log_ratio, chain_length=100, seed=0)
@@ -55,16 +63,18 @@ FEW_CHAINS = 16
 
 class FilterResult(NamedTuple):
     accepted: np.ndarray  # (N,) bool: the chain moved to candidate i / DRS accepted it
-    state: np.ndarray  # (N,) int64: MH: chain state right after i was proposed; DRS: i or -1
-    final: np.ndarray  # (C,) int64: MH: each chain's last state; DRS: the accepted indices
-    acceptance_rate: float  # accepted proposals / proposals; MH skips each chain's start
+    state: np.ndarray  # (N,) int64: MH: chain state after i (-1 before its start); DRS: i or -1
+    final: np.ndarray  # (C,) int64: MH: each chain's last state (-1: no chain); DRS: accepted
+    acceptance_rate: float  # accepted / proposals; a chain's start is not a proposal
+    moved: np.ndarray | None = None  # (C,) bool: MH: the chain left its start; DRS: all True
 
 
 def mh_filter(log_ratio: np.ndarray | torch.Tensor, chain_length: int, seed: int) -> FilterResult:
     """Independent MH chains over consecutive blocks of `chain_length` candidates.
 
     The last block may be shorter; chain_length >= N is one chain over the whole set.
-    acceptance_rate is NaN when there are no proposals (every block of length 1).
+    A chain that never moves ends at its start (`moved` False: its final state is an
+    unfiltered candidate). acceptance_rate is NaN when there are no proposals.
     """
     logits = _as_logits(log_ratio)
     if not _is_int(chain_length) or chain_length < 1:
@@ -76,16 +86,25 @@ def mh_filter(log_ratio: np.ndarray | torch.Tensor, chain_length: int, seed: int
     log_u = _log_uniforms(seed, n).numpy()
     with np.errstate(invalid="ignore"):  # inf - inf is NaN, and NaN rejects
         if chains < FEW_CHAINS:
-            accepted = _walk(logits, log_u, length)
+            accepted, starts = _walk(logits, log_u, length)
         else:
-            accepted = _step_columns(logits, log_u, length, chains)
-    # Each block starts accepted, so the last accepted position never reaches back into
-    # the previous block.
-    state = np.maximum.accumulate(np.where(accepted, np.arange(n, dtype=np.int64), 0))
-    final = state[np.minimum(np.arange(1, chains + 1) * length, n) - 1]
-    proposals = n - chains
-    rate = float(accepted.sum() - chains) / proposals if proposals else math.nan
-    return FilterResult(accepted, state, final, rate)
+            accepted, starts = _step_columns(logits, log_u, length, chains)
+    position = np.arange(n, dtype=np.int64)
+    marks = _blocks(np.where(accepted | starts, position, -1), length, chains)
+    state = np.maximum.accumulate(marks, axis=1).reshape(-1)[:n]  # never crosses a block
+    last = np.minimum(np.arange(1, chains + 1) * length, n) - 1
+    block_end = np.minimum(position[starts] // length * length + length, n)
+    proposals = int((block_end - position[starts] - 1).sum())
+    rate = float(accepted.sum()) / proposals if proposals else math.nan
+    moved = _blocks(accepted, length, chains).any(axis=1)
+    return FilterResult(accepted, state, state[last], rate, moved)
+
+
+def _blocks(values: np.ndarray, length: int, chains: int) -> np.ndarray:
+    """(chains, length) view of per-candidate values; the last block padded with -1/False."""
+    pad = chains * length - len(values)
+    fill = False if values.dtype == np.bool_ else -1
+    return np.pad(values, (0, pad), constant_values=fill).reshape(chains, length)
 
 
 def drs_filter(
@@ -119,7 +138,10 @@ def drs_filter(
     scores = drs.score(logits, log_max, torch.tensor(eps, dtype=torch.float64))
     accepted = (_log_uniforms(seed, len(logits)) < F.logsigmoid(scores - (gamma or 0.0))).numpy()
     state = np.where(accepted, np.arange(len(accepted), dtype=np.int64), -1)
-    return FilterResult(accepted, state, np.flatnonzero(accepted), float(accepted.mean()))
+    final = np.flatnonzero(accepted)
+    return FilterResult(
+        accepted, state, final, float(accepted.mean()), np.ones(len(final), dtype=bool)
+    )
 
 
 def _moves(log_u, proposed, current):
@@ -127,31 +149,42 @@ def _moves(log_u, proposed, current):
     return log_u < proposed - current
 
 
-def _step_columns(logits: np.ndarray, log_u: np.ndarray, length: int, chains: int) -> np.ndarray:
-    """All chains advance together, one position of their blocks per step."""
+def _step_columns(
+    logits: np.ndarray, log_u: np.ndarray, length: int, chains: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """All chains advance together, one position of their blocks per step; returns
+    (accepted, starts) in candidate order."""
     pad = chains * length - len(logits)  # the last block's tail: -inf is never accepted
     proposed = np.pad(logits, (0, pad), constant_values=-np.inf).reshape(chains, length)
     proposed = np.ascontiguousarray(proposed.T)  # (length, chains): row k is every chain's k-th
     log_u = np.ascontiguousarray(np.pad(log_u, (0, pad)).reshape(chains, length).T)
-    accepted = np.ones((length, chains), dtype=bool)
-    current = proposed[0].copy()
-    for k in range(1, length):
-        move = _moves(log_u[k], proposed[k], current)
-        np.copyto(current, proposed[k], where=move)
-        accepted[k] = move
-    return accepted.T.reshape(-1)[: len(logits)]  # back to candidate order
+    accepted = np.zeros((length, chains), dtype=bool)
+    starts = np.zeros((length, chains), dtype=bool)
+    current = np.full(chains, -np.inf)
+    started = np.zeros(chains, dtype=bool)
+    for k in range(length):
+        move = started & _moves(log_u[k], proposed[k], current)
+        start = ~started & (proposed[k] > -np.inf)
+        np.copyto(current, proposed[k], where=move | start)
+        started |= start
+        accepted[k], starts[k] = move, start
+    n = len(logits)
+    return accepted.T.reshape(-1)[:n], starts.T.reshape(-1)[:n]  # back to candidate order
 
 
-def _walk(logits: np.ndarray, log_u: np.ndarray, length: int) -> np.ndarray:
+def _walk(logits: np.ndarray, log_u: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """The same chains one candidate at a time, on Python floats (same IEEE arithmetic)."""
-    accepted = [True] * len(logits)
-    current = 0.0
+    accepted = [False] * len(logits)
+    starts = [False] * len(logits)
+    current, started = -math.inf, False
     for i, (proposed, u) in enumerate(zip(logits.tolist(), log_u.tolist(), strict=True)):
-        if i % length == 0 or _moves(u, proposed, current):
-            current = proposed
-        else:
-            accepted[i] = False
-    return np.array(accepted, dtype=bool)
+        if i % length == 0:
+            started = False
+        if started and _moves(u, proposed, current):
+            current, accepted[i] = proposed, True
+        elif not started and proposed > -math.inf:
+            current, started, starts[i] = proposed, True, True
+    return np.array(accepted, dtype=bool), np.array(starts, dtype=bool)
 
 
 def _as_logits(log_ratio: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -20,12 +20,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from samplers import proposals
 from samplers._core import Info, Kernel, Noise, accept, restart_from_first, where_rows
 from samplers.proposals import IndependentProposal
+from samplers.spec import MethodSpec, Models, Option, need, real_rows, starts_real
 
 LogRatio = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,7 +60,10 @@ def init_generator(propose: IndependentProposal, log_ratio: LogRatio, noise: Noi
     return State(x, logit, is_real, x, logit, ~is_real)
 
 
-def build(propose: IndependentProposal, log_ratio: LogRatio) -> Kernel:
+def build(propose: IndependentProposal, log_ratio: LogRatio, trace: bool = True) -> Kernel:
+    """`trace`: report each chain's logit l(x) for diagnostics (False: no score to trace,
+    as for the raw generator)."""
+
     @torch.inference_mode()
     def step(state: State, noise: Noise) -> tuple[State, Info]:
         x_new = propose(noise)
@@ -67,6 +72,8 @@ def build(propose: IndependentProposal, log_ratio: LogRatio) -> Kernel:
         moved = info.is_accepted
         x = where_rows(moved, x_new, state.x)
         logit = torch.where(moved, logit_new, state.logit)
+        if trace:
+            info = info._replace(trace=logit)
         if bool(state.has_first.all()):  # generator starts, or after the first step
             return State(x, logit, state.is_real & ~moved, *state[3:]), info
         # The first proposal of a real-started chain is kept as its restart point.
@@ -91,3 +98,46 @@ def output(state: State) -> torch.Tensor:
 def restart(state: State) -> tuple[State, torch.Tensor]:
     """Rows that never moved continue from their first proposal (MH-GAN's restart)."""
     return restart_from_first(state, {"x": "first_x", "logit": "first_logit"})
+
+
+def start(
+    models: Models, options: dict[str, Any], noise: Noise, steps: int | None, pilot: Any = None
+) -> tuple[Kernel, State]:
+    log_ratio = need(models, "log_ratio", "a discriminator D(x)", "imh")
+    propose = proposals.independent(models.generator, models.latent_dim)
+    kernel = build(propose, log_ratio)
+    if starts_real(models, options["init"]):
+        return kernel, init_real(real_rows(models, noise), log_ratio)
+    return kernel, init_generator(propose, log_ratio, noise)
+
+
+def start_raw(
+    models: Models, options: dict[str, Any], noise: Noise, steps: int | None, pilot: Any = None
+) -> tuple[Kernel, State]:
+    """The raw generator: an independent sampler whose every proposal is accepted."""
+    propose = proposals.independent(models.generator, models.latent_dim)
+    kernel = build(propose, _zero_log_ratio, trace=False)
+    return kernel, init_generator(propose, _zero_log_ratio, noise)
+
+
+def _zero_log_ratio(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(x), device=x.device)
+
+
+INIT = Option(
+    "init",
+    str,
+    "real",
+    "chain start: held-out real samples (MH-GAN; generator samples if the model ships "
+    "none) or generator samples",
+    choices=("real", "generator"),
+)
+
+METHOD = MethodSpec(
+    name="imh",
+    summary="independent implicit Metropolis-Hastings (MH-GAN)",
+    start=start,
+    options=(INIT,),
+    needs=("log_ratio",),
+)
+RAW = MethodSpec(name="none", summary="raw generator samples, no filtering", start=start_raw)

@@ -13,10 +13,11 @@ follow the same never-return-a-real-point rule as `imh`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from samplers import proposals
 from samplers._core import (
     Info,
     Kernel,
@@ -26,7 +27,9 @@ from samplers._core import (
     restart_from_first,
     where_rows,
 )
+from samplers.imh import INIT
 from samplers.proposals import IndependentProposal, MarkovProposal
+from samplers.spec import MethodSpec, Models, Option, need, real_rows, starts_real
 
 LogPair = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -92,3 +95,36 @@ def independent_pair(log_ratio: Callable[[torch.Tensor], torch.Tensor]) -> LogPa
         return logsigmoid(log_ratio(x)) + logsigmoid(-log_ratio(y))
 
     return log_pair
+
+
+def start(
+    models: Models, options: dict[str, Any], noise: Noise, steps: int | None, pilot: Any = None
+) -> tuple[Kernel, State]:
+    """`options["proposal"]` is the service's business: it picks models.markov_proposal."""
+    log_pair = need(models, "log_pair", "a pair discriminator d(x, y)", "markov")
+    move = models.markov_proposal or proposals.gaussian_perturbation
+    kernel = build(move, log_pair)
+    if starts_real(models, options["init"]):
+        return kernel, init_real(real_rows(models, noise), options["scale"])
+    start_proposal = proposals.independent(models.generator, models.latent_dim)
+    return kernel, init_generator(start_proposal, noise, options["scale"])
+
+
+METHOD = MethodSpec(
+    name="markov",
+    summary="implicit MH with a Markov proposal and a pair discriminator d(x, y)",
+    start=start,
+    options=(
+        INIT,
+        Option(
+            "proposal",
+            str,
+            None,
+            "default: what the pair discriminator was trained for",
+            choices=("gaussian", "conditional", "independent"),
+            nullable=True,
+        ),
+        Option("scale", float, 0.1, "Gaussian proposal scale in data space", gt=0, le=1e3),
+    ),
+    needs=("log_pair",),
+)

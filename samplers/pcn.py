@@ -10,11 +10,12 @@ small beta moves locally and accepts more often.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from samplers._core import Info, Kernel, Noise, accept, per_row, where_rows
+from samplers.spec import MethodSpec, Models, Option, need
 
 Generator = Callable[[torch.Tensor], torch.Tensor]
 LogRatio = Callable[[torch.Tensor], torch.Tensor]
@@ -50,15 +51,34 @@ def build(generator: Generator, log_ratio: LogRatio) -> Kernel:
         logit_new = log_ratio(x_new).float()
         info = accept(logit_new - state.logit, noise)
         moved = info.is_accepted
-        return State(
-            where_rows(moved, z_new, state.z),
-            where_rows(moved, x_new, state.x),
-            torch.where(moved, logit_new, state.logit),
-            state.beta,
-        ), info
+        z = where_rows(moved, z_new, state.z)
+        logit = torch.where(moved, logit_new, state.logit)
+        trace = -0.5 * (z**2).sum(-1) + logit  # log pi(z)
+        return State(z, where_rows(moved, x_new, state.x), logit, state.beta), info._replace(
+            trace=trace
+        )
 
     return Kernel(step=step, output=output)
 
 
 def output(state: State) -> torch.Tensor:
     return state.x
+
+
+def start(
+    models: Models, options: dict[str, Any], noise: Noise, steps: int | None, pilot: Any = None
+) -> tuple[Kernel, State]:
+    log_ratio = need(models, "log_ratio", "a discriminator D(x)", "pcn")
+    state = init(models.generator, log_ratio, noise, models.latent_dim, options["beta"])
+    return build(models.generator, log_ratio), state
+
+
+METHOD = MethodSpec(
+    name="pcn",
+    summary="latent preconditioned Crank-Nicolson, exact MH",
+    start=start,
+    options=(
+        Option("beta", float, 0.5, "step in (0, 1]; 1 is the independent sampler", gt=0, le=1),
+    ),
+    needs=("log_ratio",),
+)

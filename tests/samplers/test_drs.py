@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from samplers import Noise, drs, proposals, run_final, run_stream
+from samplers import Noise, drs, proposals, put, run_final, run_stream, take
+from samplers._core import noise_rows
 from tests.samplers import targets
 
 ROWS = 4000
@@ -59,8 +60,38 @@ def test_drs_running_maximum_only_grows():
 def test_drs_final_returns_an_accepted_sample_per_row():
     propose, noise, pilot = _setup()
     state = drs.init(torch.zeros(ROWS, 1), pilot.max())
-    result = run_final(drs.build(propose, targets.log_ratio), state, noise, 30)
+    result = run_final(drs.build(propose, targets.log_ratio), state, noise, 1)
+    assert result.fallback == 0 and result.accepted == ROWS  # one acceptance per row
     assert targets.ks_pvalue(result.samples) > targets.PASS_P
+    # Each row proposes until it accepts: about M = exp(l_max) proposals per sample.
+    assert result.proposals / ROWS == pytest.approx(math.exp(pilot.max().item()), rel=0.05)
+
+
+def test_drs_rows_that_spend_their_budget_are_counted_not_passed_off():
+    propose, noise, pilot = _setup()
+    state = drs.init(torch.zeros(ROWS, 1), pilot.max(), budget=2)
+    kernel = drs.build(propose, targets.log_ratio)
+    result = run_final(kernel, state, noise, 1)
+    assert result.proposals <= 2 * ROWS
+    assert 0 < result.fallback < ROWS
+    # The fallback rows hold raw proposals (p_G), which fail the test the others pass.
+    assert targets.ks_pvalue(result.samples) < targets.FAIL_P
+
+
+def test_drs_done_rows_stop_proposing():
+    propose, noise, pilot = _setup()
+    kernel = drs.build(propose, targets.log_ratio)
+    state = drs.init(torch.zeros(ROWS, 1), pilot.max(), budget=50)
+    result = run_final(kernel, state, noise, 1)
+    _, noise, _ = _setup()  # the same streams again, by hand
+    while (active := ~kernel.done(state)).any():
+        part, _ = kernel.step(take(state, active), noise_rows(noise, active))
+        state = put(state, active, part)
+    assert kernel.done(state).all()
+    assert int(state.trials.sum()) == result.proposals
+    assert (state.trials[state.has_sample] <= 50).all()
+    assert (state.trials[~state.has_sample] == 50).all()
+    assert int((~state.has_sample).sum()) == result.fallback
 
 
 def test_log1mexp_is_finite_near_zero():

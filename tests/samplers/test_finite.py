@@ -109,14 +109,17 @@ def test_mh_chains_stay_inside_their_blocks(n, chain_length):
     assert result.accepted.shape == (n,) and result.accepted.dtype == np.bool_
     assert result.state.shape == (n,) and result.state.dtype == np.int64
     assert result.final.shape == (chains,) and result.final.dtype == np.int64
-    assert result.accepted[::length].all()  # every chain starts accepted
+    starts = position % length == 0  # every logit is finite: each block starts at its first
+    assert not result.accepted[starts].any()  # a start is not a move
     assert (result.state // length == position // length).all()
-    assert (result.state <= position).all() and result.accepted[result.state].all()
+    assert (result.state <= position).all()
+    assert (result.accepted | starts)[result.state].all()
     np.testing.assert_array_equal(result.state[result.accepted], position[result.accepted])
     last = np.minimum(np.arange(1, chains + 1) * length, n) - 1
     np.testing.assert_array_equal(result.final, result.state[last])
+    np.testing.assert_array_equal(result.moved, result.final != position[starts])
     if n > chains:
-        assert result.acceptance_rate == (result.accepted.sum() - chains) / (n - chains)
+        assert result.acceptance_rate == result.accepted.sum() / (n - chains)
         assert 0.0 < result.acceptance_rate < 1.0
     else:
         assert math.isnan(result.acceptance_rate)
@@ -145,8 +148,8 @@ def test_mh_column_and_candidate_loops_agree(monkeypatch, chain_length):
     by_columns = mh_filter(log_ratio, chain_length, seed=6)
     monkeypatch.setattr(finite, "FEW_CHAINS", 10**9)
     by_candidates = mh_filter(log_ratio, chain_length, seed=6)
-    for column, candidate in zip(by_columns[:3], by_candidates[:3], strict=True):
-        np.testing.assert_array_equal(column, candidate)
+    for field in ("accepted", "state", "final", "moved"):
+        np.testing.assert_array_equal(getattr(by_columns, field), getattr(by_candidates, field))
     assert by_columns.acceptance_rate == by_candidates.acceptance_rate
     assert by_columns.accepted.sum() > 2 * len(by_columns.final)  # the chains really moved
 
@@ -156,19 +159,48 @@ def test_mh_nonfinite_logits(monkeypatch, few_chains):
     monkeypatch.setattr(finite, "FEW_CHAINS", few_chains)
     log_ratio = np.array([NAN, -INF, 0.0, 0.0, INF, 3.0, INF, INF, NAN, -INF, NAN, -INF])
     result = mh_filter(log_ratio, 3, seed=0)
-    # NaN start left for the first finite logit; +inf taken and kept; +inf start kept;
-    # -inf start never left for NaN or -inf.
-    assert result.accepted.tolist() == [1, 0, 1, 1, 1, 0, 1, 0, 0, 1, 0, 0]
-    assert result.final.tolist() == [2, 4, 6, 9]
+    # NaN and -inf skipped until the first finite logit starts the chain; +inf taken and
+    # kept; a +inf start kept; a block of NaN and -inf has no chain at all.
+    assert result.accepted.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert result.state.tolist() == [-1, -1, 2, 3, 4, 4, 6, 6, 6, -1, -1, -1]
+    assert result.final.tolist() == [2, 4, 6, -1]
+    assert result.moved.tolist() == [False, True, False, False]
+    assert result.acceptance_rate == 1 / 4  # proposals: 0 + 2 + 2 + 0
 
 
-def test_mh_accepts_nan_or_minus_inf_only_as_a_chain_start():
+def test_mh_never_accepts_nor_starts_at_nan_or_minus_inf():
     log_ratio = _with_nonfinite(3000, seed=7)
     bad = np.isnan(log_ratio) | np.isneginf(log_ratio)
-    accepted = mh_filter(log_ratio, 10, seed=0).accepted
-    starts = np.arange(3000) % 10 == 0
-    assert not (accepted & bad & ~starts).any()
-    assert (accepted & ~bad & ~starts).sum() > 500
+    result = mh_filter(log_ratio, 10, seed=0)
+    assert not (result.accepted & bad).any()
+    assert not bad[result.state[result.state >= 0]].any()  # no chain ever sits on one
+    assert result.accepted.sum() > 500
+
+
+def test_mh_lists_only_moves_never_a_start_nor_nan():
+    result = mh_filter(np.array([NAN, 1.0, 0.5, 0.2]), 4, seed=0)
+    accepted = np.flatnonzero(result.accepted).tolist()
+    assert 0 not in accepted and 1 not in accepted  # NaN, and the chain's start
+    assert result.state[0] == -1 and result.state[1] == 1
+
+
+@pytest.mark.parametrize("few_chains", [0, 10**9], ids=["columns", "candidates"])
+def test_mh_acceptance_rate_is_moves_over_proposals(monkeypatch, few_chains):
+    monkeypatch.setattr(finite, "FEW_CHAINS", few_chains)
+    log_ratio = _with_nonfinite(1000, seed=11)
+    log_ratio[np.isposinf(log_ratio)] = 0.0
+    result = mh_filter(log_ratio, 25, seed=1)
+    position = np.arange(1000)
+    started = result.state >= 0
+    is_start = started & (result.state == position) & ~result.accepted
+    proposals = int((started & ~is_start).sum())
+    assert result.acceptance_rate == result.accepted.sum() / proposals
+
+
+def test_mh_chain_that_never_moves_is_flagged():
+    result = mh_filter(np.array([5.0, -3.0, -4.0, 0.0, 1.0, 2.0]), 3, seed=0)
+    assert result.final[0] == 0 and not result.moved[0]  # stays at its (unfiltered) start
+    assert not result.accepted[:3].any()
 
 
 def test_drs_never_accepts_nan_or_minus_inf_and_refuses_plus_inf():
@@ -189,7 +221,7 @@ def test_drs_outputs_index_the_accepted_candidates():
     assert result.accepted.dtype == np.bool_ and result.state.dtype == np.int64
     np.testing.assert_array_equal(result.state, np.where(result.accepted, position, -1))
     np.testing.assert_array_equal(result.final, position[result.accepted])
-    assert result.final.dtype == np.int64
+    assert result.final.dtype == np.int64 and result.moved.all()
     assert result.acceptance_rate == result.accepted.mean()
 
 
