@@ -39,14 +39,6 @@ RECOMMENDED_LABELS = tuple(
     LABEL + name for name in ("name", "instance", "component", "part-of", "version", "managed-by")
 )
 PROJECT_IMAGE = "imh-service"  # the repository name of the image the Dockerfile builds
-# Settings the manifests set that other work is adding to service/settings.py; they count
-# as settings until they land, then Settings.model_fields has them.
-PENDING_SETTINGS = {
-    "worker_drain_s": "a worker's SIGTERM drain time, default 25 s",
-    "allowed_hosts": "Host headers the API answers, comma-separated",
-    "allowed_origins": "CORS origins, comma-separated, default none",
-}
-DEFAULT_DRAIN_S = 25.0  # IMH_WORKER_DRAIN_S's default, until the setting exists
 SHUTDOWN_MARGIN_S = 10.0  # uvicorn's HTTP shutdown (5 s) before the drain, closing after
 # The redis-streams scaler's parameters (keda.sh/docs/latest/scalers/redis-streams).
 REDIS_STREAMS_PARAMETERS = {
@@ -447,7 +439,7 @@ def check_environment(m: Manifests, f: Facts) -> Iterator[str]:
         for name in env:
             if name.startswith(f.env_prefix):
                 field = name.removeprefix(f.env_prefix).lower()
-                if field not in f.settings and field not in PENDING_SETTINGS:
+                if field not in f.settings:
                     yield f"{where}: {name} is not a setting (service/settings.py)"
             elif name not in from_env:
                 yield f"{where}: {name} is neither a setting nor read by a KEDA trigger"
@@ -702,9 +694,7 @@ def check_termination(m: Manifests, f: Facts) -> Iterator[str]:
         if labels(workload).get(LABEL + "component") != "worker":
             continue
         env = m.env(container)
-        drain = float(
-            env.get("IMH_WORKER_DRAIN_S") or f.defaults.get("worker_drain_s", DEFAULT_DRAIN_S)
-        )
+        drain = float(env.get("IMH_WORKER_DRAIN_S") or f.defaults["worker_drain_s"])
         grace = m.pod(workload)["spec"].get("terminationGracePeriodSeconds", 30)
         if grace < drain + SHUTDOWN_MARGIN_S:
             yield (f"{name_of(workload)}: terminationGracePeriodSeconds {grace} < drain "
