@@ -174,6 +174,13 @@ class _Walk:
             raise UnsupportedGraph(
                 "inputs", f"the program takes {len(inputs)} inputs; a classifier takes one tensor"
             )
+        outputs = [s for s in signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+        if len(outputs) != 1:
+            raise UnsupportedGraph(
+                "output",
+                f"the program returns {len(outputs)} outputs; a classifier returns one "
+                "(N, classes) tensor",
+            )
         for spec in signature.output_specs:
             if spec.kind == OutputKind.BUFFER_MUTATION:
                 raise UnsupportedGraph(
