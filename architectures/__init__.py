@@ -63,6 +63,19 @@ def resolve(name: str) -> type[nn.Module]:
     return cls
 
 
+def parameter_bytes(name: str, config: dict[str, Any] | None = None) -> int:
+    """Bytes of parameters and buffers `build(name, config)` would allocate, found by
+    building it on the meta device (nothing is allocated)."""
+    cls = resolve(name)
+    try:
+        with torch.device("meta"):
+            model = cls(**(config or {}))
+    except TypeError as exc:
+        raise ArchitectureError(f"bad config for {name}: {exc}") from exc
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 def build(
     name: str,
     config: dict[str, Any] | None = None,

@@ -71,7 +71,7 @@ class Runtime:
         self.sampling = SamplingService(self.registry, self.engine, settings, self.metrics)
         self.broker = Broker.connect(settings.redis_url, settings.redis_prefix)
         self.health = Health(self.broker)
-        self.store = JobStore(self.broker, settings.job_ttl_s)
+        self.store = JobStore(self.broker, settings.job_ttl_s, settings.job_result_dir)
         self.backend: SamplingBackend = self.sampling
         if role == "api" and self.distributed:
             self.backend = RemoteSampling(self.sampling, self.broker, self.health, settings)

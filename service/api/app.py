@@ -14,10 +14,11 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.deps import AppState
 from service.api.errors import install_handlers
-from service.api.middleware import HttpMetrics
+from service.api.middleware import BodyLimits, HostGuard, HttpMetrics, OriginGuard
 from service.api.routes import classifiers, health, jobs, models, sample
 from service.batch.service import JobService
 from service.classifiers.service import ClassifierService
@@ -53,6 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.imh = state
+    # Added innermost first: a request meets HttpMetrics, HostGuard, CORS, OriginGuard,
+    # BodyLimits, then the routes.
+    app.add_middleware(BodyLimits, json_bytes=settings.max_body_bytes,
+                       upload_bytes=settings.max_upload_bytes)  # fmt: skip
+    app.add_middleware(OriginGuard, allowed_origins=settings.origins)
+    if settings.origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.origins, allow_methods=["*"],
+            allow_headers=["*"], expose_headers=["X-IMH-Request-Id", "X-IMH-Stats", "Location"],
+        )  # fmt: skip
+    app.add_middleware(HostGuard, allowed_hosts=settings.host_names)
     app.add_middleware(HttpMetrics, metrics=runtime.metrics)
     for router in (health.router, models.router, sample.router, jobs.router, classifiers.router):
         app.include_router(router)

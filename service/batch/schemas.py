@@ -119,5 +119,12 @@ class JobPublic(BaseModel):
     result: str | None = Field(description="where to GET the result once succeeded")
 
 
+class JobCreated(JobPublic):
+    token: str = Field(
+        description="the job's token: send it as X-IMH-Job-Token to read, follow, download "
+        "or cancel the job (shown only here; the one you sent, if you sent one)"
+    )
+
+
 class JobsPublic(BaseModel):
     jobs: list[JobPublic]

@@ -15,7 +15,9 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
@@ -24,7 +26,7 @@ import torch
 from service.batch.schemas import FilterJobCreate, GenerateJobCreate
 from service.batch.shards import filter_log_ratio, shard_sizes
 from service.batch.store import FILTER_ARRAYS, JobStore
-from service.errors import InvalidRequest, ModelConflict, ModelNotFound, check_limit
+from service.errors import Forbidden, InvalidRequest, ModelConflict, ModelNotFound, check_limit
 from service.metrics import Metrics
 from service.models.registry import Registry
 from service.online.schemas import request_dict
@@ -43,6 +45,31 @@ class JobConflict(ModelConflict):
     """The job is not in a state that allows this (result of an unfinished job): 409."""
 
 
+@dataclass(frozen=True)
+class JobAccess:
+    """Who asks: the job token they sent (if any), and whether they are the admin.
+
+    A job belongs to the token it was created with: only that token (or the admin token)
+    reads its state, events and result, cancels it, or sees it in the listing.
+    """
+
+    token: str | None = None
+    admin: bool = False
+
+    @property
+    def owner(self) -> str:
+        """The digest stored with a job: the token itself is never kept."""
+        return hashlib.sha256(self.token.encode()).hexdigest() if self.token else ""
+
+    def may_see(self, job: dict[str, Any]) -> bool:
+        return self.admin or (bool(self.token) and secrets.compare_digest(
+            job.get("owner", ""), self.owner))  # fmt: skip
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
 class JobService:
     def __init__(
         self,
@@ -55,20 +82,27 @@ class JobService:
         self.store, self.registry, self.sampling = store, registry, sampling
         self.settings, self.metrics = settings, metrics
 
-    async def create_generate(self, spec: GenerateJobCreate) -> dict[str, Any]:
+    async def create_generate(self, spec: GenerateJobCreate, access: JobAccess) -> dict[str, Any]:
         check_limit(spec.n, self.settings.max_job_n, ("n",))
         if spec.seed is None:
             spec = spec.model_copy(update={"seed": secrets.randbits(63)})
         rows = self.settings.job_shard_rows
         probe = spec.shard_request(min(spec.n, rows), spec.seed)  # what every shard will run
         resolved = await self.sampling.resolve(probe, stream=False)
+        proposals = spec.n * max(resolved.steps, 1) * resolved.proposals_per_step
+        what = "n x steps x proposals per step"
+        check_limit(proposals, self.settings.max_job_proposals, ("steps",), what)
         sizes = shard_sizes(spec.n, rows)
         shape = tuple(resolved.generator.manifest.sample_shape)
-        job_id = await self.store.create("generate", request_dict(spec), spec.n, sizes, shape)
+        job_id = await self.store.create(
+            "generate", request_dict(spec), spec.n, sizes, shape, owner=access.owner
+        )
         self.metrics.jobs_submitted.labels("generate").inc()
-        return await self.get(job_id)
+        return await self.get(job_id, access)
 
-    async def create_filter(self, spec: FilterJobCreate, upload: IO[bytes]) -> dict[str, Any]:
+    async def create_filter(
+        self, spec: FilterJobCreate, upload: IO[bytes], access: JobAccess
+    ) -> dict[str, Any]:
         if spec.seed is None:
             spec = spec.model_copy(update={"seed": secrets.randbits(63)})
         log_ratio = filter_log_ratio(self.registry, spec)
@@ -91,28 +125,38 @@ class JobService:
         inputs = [candidates[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         job_id = await self.store.create(
             "filter", request_dict(spec), len(candidates), sizes,
-            shape, inputs,
+            shape, inputs, owner=access.owner,
         )  # fmt: skip
         self.metrics.jobs_submitted.labels("filter").inc()
-        return await self.get(job_id)
+        return await self.get(job_id, access)
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str, access: JobAccess) -> dict[str, Any]:
         job = await self.store.get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
+        if not access.may_see(job):
+            raise Forbidden(
+                f"job {job_id} belongs to the token it was created with: send it as "
+                "X-IMH-Job-Token (or the admin token as Authorization: Bearer)"
+            )
         return job
 
-    async def list(self, limit: int, state: str | None) -> list[dict[str, Any]]:
-        return await self.store.list(limit, state)
+    async def list(self, limit: int, state: str | None, access: JobAccess) -> list[dict[str, Any]]:
+        """The caller's jobs, newest first (everyone's for the admin; none without a token)."""
+        if not (access.admin or access.token):
+            return []
+        owner = None if access.admin else access.owner
+        return await self.store.list(limit, state, owner)
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str, access: JobAccess) -> dict[str, Any]:
+        await self.get(job_id, access)
         job = await self.store.cancel(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
         return job
 
-    async def result(self, job_id: str, array: str | None, safetensors: bool):
-        job = await self.get(job_id)
+    async def result(self, job_id: str, array: str | None, safetensors: bool, access: JobAccess):
+        job = await self.get(job_id, access)
         if job["state"] != "succeeded":
             raise JobConflict(
                 f"job {job_id} is {job['state']}; its result exists once it has succeeded"

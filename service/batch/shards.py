@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,8 @@ class ShardRunner:
         rows = job["shard_sizes"][shard]
         body = spec.shard_request(rows, shard_seed(spec.seed, shard))
         resolved = await self.sampling.resolve(body, stream=False)
-        samples, stats = await self.sampling.sample(resolved)
+        # Shards step in the bulk lane: online requests never wait for their steps.
+        samples, stats = await self.sampling.sample(replace(resolved, lane="bulk"))
         return samples.float().numpy(), stats["proposals"], stats["accepted"]
 
     async def _score(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:

@@ -23,20 +23,15 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from redis.exceptions import WatchError
 
+from service.batch.arrays import ArrayStore, FileArrays, RedisArrays
 from service.batch.schemas import TERMINAL
-from service.distributed.codec import (
-    npy_header,
-    pack,
-    parse_shape,
-    safetensors_header,
-    text,
-    unpack,
-)
+from service.distributed.codec import npy_header, safetensors_header, text
 from service.distributed.connection import BLOCK_MS, Broker
 from service.distributed.keys import JOBS
 
@@ -46,9 +41,13 @@ _HASH_INTS = ("shards", "items", "proposals", "accepted")
 
 
 class JobStore:
-    def __init__(self, broker: Broker, ttl_s: float):
+    def __init__(self, broker: Broker, ttl_s: float, result_dir: Path | None = None):
         self.broker, self.redis, self.keys = broker, broker.redis, broker.keys
         self.ttl = int(ttl_s)
+        # Embedded mode keeps job arrays in files, not in the in-process store's memory.
+        self.arrays: ArrayStore = (
+            FileArrays(result_dir, broker) if broker.embedded else RedisArrays(broker)
+        )
 
     # API side ------------------------------------------------------------------------
 
@@ -60,11 +59,16 @@ class JobStore:
         shard_sizes: list[int],
         sample_shape: tuple[int, ...],
         inputs: list[np.ndarray] | None = None,
+        owner: str = "",
     ) -> str:
+        """A new job; `owner` is a digest of the token that may read and cancel it."""
         job_id = secrets.token_hex(12)
         keys, now = self.keys, time.time()
+        for shard, array in enumerate(inputs or []):
+            await self.arrays.write(job_id, f"in:{shard}", array, self.ttl)
         fields = {
             "id": job_id, "type": job_type, "state": "queued", "spec": json.dumps(spec),
+            "owner": owner,
             "shards": len(shard_sizes), "shard_sizes": json.dumps(shard_sizes), "items": n,
             "sample_shape": json.dumps(list(sample_shape)), "proposals": 0, "accepted": 0,
             "created_at": now,
@@ -74,8 +78,6 @@ class JobStore:
             pipe.zadd(keys.jobs, {job_id: now})
             pipe.hset(keys.job_states, job_id, f"{job_type}:queued")
             self._event(pipe, job_id, "state", {"state": "queued"})
-            for shard, array in enumerate(inputs or []):
-                pipe.hset(keys.job_input(job_id, shard), mapping=pack(array))
             for shard in range(len(shard_sizes)):
                 pipe.xadd(keys.work(JOBS), {"kind": "shard", "job": job_id, "shard": shard})
             await pipe.execute()
@@ -88,8 +90,11 @@ class JobStore:
         done = await self.redis.smembers(self.keys.job_done(job_id))
         return _decode(raw, {int(k) for k in done})
 
-    async def list(self, limit: int, state: str | None = None) -> list[dict[str, Any]]:
-        """Newest first; ids whose job has expired are pruned from the index."""
+    async def list(
+        self, limit: int, state: str | None = None, owner: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, of `owner` (a token digest; None: everyone's); ids whose job has
+        expired are pruned from the index."""
         keys, found = self.keys, []
         start = 0
         while len(found) < limit:
@@ -102,7 +107,7 @@ class JobStore:
                 if job is None:
                     await self.redis.zrem(keys.jobs, job_id)
                     await self.redis.hdel(keys.job_states, job_id)
-                elif state in (None, job["state"]):
+                elif state in (None, job["state"]) and owner in (None, job["owner"]):
                     found.append(job)
         return found[:limit]
 
@@ -149,8 +154,8 @@ class JobStore:
                     return
 
     async def result(self, job: dict[str, Any], array: str | None, safetensors: bool):
-        """(media type, byte chunks) of a succeeded job's result, streamed from Redis."""
-        job_id, keys = job["id"], self.keys
+        """Byte chunks of a succeeded job's result (header first), read piece by piece."""
+        job_id = job["id"]
         if job["type"] == "generate":
             shape = (job["counts"]["items"], *job["sample_shape"])
             dtype = np.dtype(np.float32)
@@ -158,24 +163,24 @@ class JobStore:
                 safetensors_header([(SAMPLES, dtype, shape)]) if safetensors
                 else npy_header(dtype, shape)
             )  # fmt: skip
-            pieces = [(keys.job_output(job_id, k), "data") for k in range(job["counts"]["shards"])]
+            pieces = [f"out:{k}" for k in range(job["counts"]["shards"])]
         else:
             names = list(FILTER_ARRAYS) if safetensors else [array or FILTER_ARRAYS[0]]
             metas = []
             for name in names:
-                dtype, shape = await self.redis.hmget(
-                    keys.job_result(job_id, name), "dtype", "shape"
-                )
-                metas.append((name, np.dtype(dtype.decode()), parse_shape(shape)))
+                meta = await self.arrays.meta(job_id, f"result:{name}")
+                if meta is None:
+                    raise LookupError(f"job {job_id}: its result has expired")
+                metas.append((name, *meta))
             header = safetensors_header(metas) if safetensors else npy_header(*metas[0][1:])
-            pieces = [(keys.job_result(job_id, name), "data") for name in names]
+            pieces = [f"result:{name}" for name in names]
 
         async def chunks() -> AsyncIterator[bytes]:
             yield header
-            for key, field in pieces:
-                data = await self.redis.hget(key, field)
+            for piece in pieces:
+                data = await self.arrays.data(job_id, piece)
                 if data is None:
-                    raise RuntimeError(f"job {job_id}: {key} has expired")
+                    raise RuntimeError(f"job {job_id}: {piece} has expired")
                 yield data
 
         return chunks()
@@ -201,13 +206,16 @@ class JobStore:
         return await self.get(job_id)
 
     async def shard_input(self, job_id: str, shard: int) -> np.ndarray:
-        fields = await self.redis.hgetall(self.keys.job_input(job_id, shard))
-        if not fields:
+        array = await self.arrays.read(job_id, f"in:{shard}")
+        if array is None:
             raise LookupError(f"job {job_id}: the input of shard {shard} is gone")
-        return unpack(fields)
+        return array
 
     async def shard_output(self, job_id: str, shard: int) -> np.ndarray:
-        return unpack(await self.redis.hgetall(self.keys.job_output(job_id, shard)))
+        array = await self.arrays.read(job_id, f"out:{shard}")
+        if array is None:
+            raise LookupError(f"job {job_id}: the output of shard {shard} is gone")
+        return array
 
     async def is_done(self, job_id: str, shard: int) -> bool:
         return bool(await self.redis.sismember(self.keys.job_done(job_id), shard))
@@ -222,6 +230,8 @@ class JobStore:
         """
         keys = self.keys
         job_key, done_key = keys.job(job_id), keys.job_done(job_id)
+        if not await self.is_done(job_id, shard):  # written before it counts as done
+            await self.arrays.write(job_id, f"out:{shard}", output, self.ttl)
 
         async def body(pipe) -> tuple[Any, bool]:
             job = await pipe.hmget(job_key, "state", "type", "shards", "shard_sizes")
@@ -233,7 +243,6 @@ class JobStore:
                 return ("duplicate", len(done) == shards), False
             done.add(shard)
             pipe.multi()
-            pipe.hset(keys.job_output(job_id, shard), mapping=pack(output))
             pipe.sadd(done_key, shard)
             pipe.hincrby(job_key, "proposals", proposals)
             pipe.hincrby(job_key, "accepted", accepted)
@@ -243,29 +252,34 @@ class JobStore:
                 "items_done": items_done, "items": sum(sizes),
             })  # fmt: skip
             if len(done) == shards and job[1].decode() == "generate":
-                self._finish(pipe, job_id, "generate", shards, "succeeded", None)
+                self._finish(pipe, job_id, "generate", "succeeded", None)
             return ("done", len(done) == shards), True
 
-        return await self._transact([job_key, done_key], body)
+        outcome, last = await self._transact([job_key, done_key], body)
+        if outcome == "done" and last:
+            await self._forget_arrays(job_id)
+        return outcome, last
 
     async def finish_filter(
         self, job_id: str, arrays: dict[str, np.ndarray], accepted: int, proposals: int
     ) -> bool:
         """Store a filter job's result and end it; False if it had ended already."""
         job_key = self.keys.job(job_id)
+        for name, array in arrays.items():
+            await self.arrays.write(job_id, f"result:{name}", array, self.ttl)
 
         async def body(pipe) -> tuple[Any, bool]:
-            state, shards = await pipe.hmget(job_key, "state", "shards")
+            state = await pipe.hget(job_key, "state")
             if state is None or state.decode() != "running":
                 return False, False
             pipe.multi()
-            for name, array in arrays.items():
-                pipe.hset(self.keys.job_result(job_id, name), mapping=pack(array))
             pipe.hset(job_key, mapping={"accepted": accepted, "proposals": proposals})
-            self._finish(pipe, job_id, "filter", int(shards), "succeeded", None)
+            self._finish(pipe, job_id, "filter", "succeeded", None)
             return True, True
 
-        return await self._transact([job_key], body)
+        ended = await self._transact([job_key], body)
+        await self._forget_arrays(job_id)
+        return ended
 
     async def fail(self, job_id: str, error: str) -> None:
         await self._end(job_id, "failed", error, only_if=("queued", "running"))
@@ -276,31 +290,32 @@ class JobStore:
         job_key = self.keys.job(job_id)
 
         async def body(pipe) -> tuple[Any, bool]:
-            current, job_type, shards = await pipe.hmget(job_key, "state", "type", "shards")
+            current, job_type = await pipe.hmget(job_key, "state", "type")
             if current is None or current.decode() not in only_if:
-                return None, False
+                return False, False
             pipe.multi()
-            self._finish(pipe, job_id, job_type.decode(), int(shards), state, error)
-            return None, True
+            self._finish(pipe, job_id, job_type.decode(), state, error)
+            return True, True
 
-        await self._transact([job_key], body)
+        if await self._transact([job_key], body):
+            await self._forget_arrays(job_id)
 
-    def _finish(
-        self, pipe, job_id: str, job_type: str, shards: int, state: str, error: str | None
-    ) -> None:
-        """Queue the commands that end a job: state, event, inputs dropped, expiry."""
+    def _finish(self, pipe, job_id: str, job_type: str, state: str, error: str | None) -> None:
+        """Queue the commands that end a job: state, event, expiry."""
         keys = self.keys
         extra: dict[str, Any] = {"finished_at": time.time()}
         if error is not None:
             extra["error"] = error
         self._set_state(pipe, job_id, job_type, state, **extra)
-        owned = [keys.job(job_id), keys.job_events(job_id), keys.job_done(job_id)]
-        owned += [keys.job_output(job_id, k) for k in range(shards)]
-        owned += [keys.job_result(job_id, name) for name in FILTER_ARRAYS]
-        for key in owned:
+        for key in (keys.job(job_id), keys.job_events(job_id), keys.job_done(job_id)):
             pipe.expire(key, self.ttl)
-        for k in range(shards):
-            pipe.delete(keys.job_input(job_id, k))
+
+    async def _forget_arrays(self, job_id: str) -> None:
+        """An ended job's inputs go now; its outputs and results expire with it."""
+        shards = await self.redis.hget(self.keys.job(job_id), "shards")
+        count = int(shards) if shards is not None else 0
+        names = [f"{part}:{k}" for part in ("in", "out") for k in range(count)]
+        await self.arrays.forget(job_id, names + [f"result:{n}" for n in FILTER_ARRAYS], self.ttl)
 
     def _set_state(self, pipe, job_id: str, job_type: str, state: str, **extra: Any) -> None:
         pipe.hset(self.keys.job(job_id), mapping={"state": state, **extra})
@@ -350,6 +365,7 @@ def _decode(raw: dict[bytes, bytes], done: set[int]) -> dict[str, Any]:
         "started_at": number("started_at"),
         "finished_at": number("finished_at"),
         "error": job.get("error"),
+        "owner": job.get("owner", ""),
         "spec": json.loads(job["spec"]),
         "result": f"/v1/jobs/{job_id}/result" if job["state"] == "succeeded" else None,
         "sample_shape": json.loads(job["sample_shape"]),

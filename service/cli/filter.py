@@ -1,44 +1,64 @@
-"""`imh filter FILE --discriminator NAME`: submit a filter job, show its progress, save
-the result.
+"""`imh filter FILE --discriminator NAME`: filter a candidate file through a running
+service and keep what the chain (or DRS) accepts.
 
-Talks to a running service over HTTP (--url, default $IMH_URL or http://127.0.0.1:8000):
-uploads the candidates (.npy or .safetensors), follows the job's events with a progress
-bar, and writes the result (.safetensors with indices, scores, log_ratio and final; or
-.npy of the accepted indices) to --output. Exit status 0 when the job succeeded, 1 when
-it failed or was cancelled, 2 for bad arguments or an unreachable service.
+Uploads the candidates (.npy or .safetensors) as a filter job, follows its events with a
+progress bar, and writes the kept candidates themselves in the input's format:
+- `kept.npy` (from an .npy input): the kept rows, with `kept.indices.npy` (their rows in
+  the input) and `kept.scores.npy` (their calibrated D) beside it;
+- `kept.safetensors`: one file with `candidates`, `indices` and `scores`.
+Exit status 0 when the job succeeded, 1 when it failed or was cancelled, 2 for bad
+arguments or an unreachable service.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
+DEFAULT_URL = os.environ.get("IMH_URL", "http://127.0.0.1:8000")
+
 
 def add_parser(commands) -> None:
-    command = commands.add_parser("filter", help="filter a candidate file with a discriminator")
+    command = commands.add_parser(
+        "filter",
+        help="filter a candidate file with a discriminator; writes the kept candidates",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     command.add_argument("candidates", type=Path, help=".npy or .safetensors, (N, ...) samples")
-    command.add_argument("--discriminator", "-d", required=True)
-    command.add_argument("--calibration")
-    command.add_argument("--method", choices=("imh", "drs"), default="imh")
-    command.add_argument("--chain-length", type=int, help="imh: candidates per chain")
-    command.add_argument("--gamma", type=float, help="drs: shift (0: exact)")
-    command.add_argument("--gamma-percentile", type=float)
-    command.add_argument("--seed", type=int)
-    command.add_argument("--output", "-o", type=Path, help="default: <candidates>.kept.npy")
-    command.add_argument("--url", default=os.environ.get("IMH_URL", "http://127.0.0.1:8000"))
+    command.add_argument("--discriminator", "-d", required=True, help="a sample discriminator")
+    command.add_argument("--calibration", help="default: the discriminator's own default")
+    command.add_argument("--method", choices=("imh", "drs"), default="imh", help="default: imh")
+    command.add_argument("--chain-length", type=int, help="imh: candidates per chain "
+                         "(default: one chain over the whole set)")  # fmt: skip
+    command.add_argument("--gamma", type=float, help="drs: shift (default 0: exact)")
+    command.add_argument("--gamma-percentile", type=float, help="drs: shift as a percentile")
+    command.add_argument("--seed", type=int, help="default: random")
+    command.add_argument(
+        "--output", "-o", type=Path,
+        help="the kept candidates, .npy or .safetensors (default: <candidates>.kept.<suffix>)",
+    )  # fmt: skip
+    command.add_argument(
+        "--url", default=DEFAULT_URL, help=f"the service (default: $IMH_URL or {DEFAULT_URL})"
+    )
     command.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
-    from tqdm import tqdm
 
     if not args.candidates.is_file():
         return _fail(f"no file {args.candidates}", 2)
-    output = args.output or args.candidates.with_suffix(".kept.npy")
+    suffix = (
+        args.candidates.suffix if args.candidates.suffix in (".npy", ".safetensors") else ".npy"
+    )
+    output = args.output or args.candidates.with_suffix(".kept" + suffix)
     spec = {"type": "filter", "discriminator": args.discriminator, "method": args.method}
     for key in ("calibration", "chain_length", "gamma", "gamma_percentile", "seed"):
         if getattr(args, key) is not None:
@@ -54,27 +74,67 @@ def run(args: argparse.Namespace) -> int:
         if answer.status_code != 201:
             return _fail(f"the service refused the job ({answer.status_code}): {answer.text}", 2)
         job = answer.json()
-        bar = tqdm(total=job["counts"]["items"], unit="cand", disable=args.quiet)
-        state = job["state"]
-        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
-            for name, data in _sse(events.iter_lines()):
-                if name == "progress":
-                    bar.update(data["items_done"] - bar.n)
-                elif name == "state":
-                    state = data["state"]
-        bar.close()
-        job = client.get(f"/v1/jobs/{job['id']}").json()
+        headers = {"X-IMH-Job-Token": job["token"]}
+        state = _follow(client, job, headers, args.quiet)
+        job = client.get(f"/v1/jobs/{job['id']}", headers=headers).json()
         if state != "succeeded":
             return _fail(f"job {job['id']} {state}: {job.get('error') or ''}", 1)
-        headers = {"Accept": "application/x-safetensors"} if output.suffix == ".safetensors" else {}
-        with client.stream("GET", f"/v1/jobs/{job['id']}/result", headers=headers) as result:
-            with output.open("wb") as file:
-                for chunk in result.iter_bytes():
-                    file.write(chunk)
-    counts = job["counts"]
-    print(f"job {job['id']}: kept {counts['accepted']} of {counts['items']} candidates "
-          f"-> {output}")  # fmt: skip
+        result = client.get(
+            f"/v1/jobs/{job['id']}/result",
+            headers={**headers, "Accept": "application/x-safetensors"},
+        )
+    kept = _write_kept(args.candidates, result.content, output)
+    print(f"job {job['id']}: kept {kept} of {job['counts']['items']} candidates -> {output}")
     return 0
+
+
+def _follow(client, job: dict, headers: dict, quiet: bool) -> str:
+    """Show the job's progress until it ends; returns its final state."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=job["counts"]["items"], unit="cand", disable=quiet)
+    state = job["state"]
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=headers) as events:
+        for name, data in _sse(events.iter_lines()):
+            if name == "progress":
+                bar.update(data["items_done"] - bar.n)
+            elif name == "state":
+                state = data["state"]
+    bar.close()
+    return state
+
+
+def _write_kept(candidates_path: Path, result: bytes, output: Path) -> int:
+    """The kept rows of the input, with their indices and scores; returns how many."""
+    from safetensors.numpy import load, save_file
+
+    arrays = load(result)
+    indices = arrays["indices"]
+    candidates = _read(candidates_path)
+    kept = np.ascontiguousarray(candidates[indices])
+    scores = np.ascontiguousarray(arrays["scores"][indices])
+    if output.suffix == ".safetensors":
+        save_file({"candidates": kept, "indices": indices, "scores": scores}, str(output))
+    else:
+        np.save(output, kept, allow_pickle=False)
+        np.save(output.with_suffix(".indices.npy"), indices, allow_pickle=False)
+        np.save(output.with_suffix(".scores.npy"), scores, allow_pickle=False)
+    return len(indices)
+
+
+def _read(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    if data.startswith(b"\x93NUMPY"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    from safetensors.numpy import load
+
+    tensors = load(data)
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    for name in ("candidates", "samples", "x"):
+        if name in tensors:
+            return tensors[name]
+    raise ValueError(f"{path} holds {sorted(tensors)}; name the candidates 'candidates'")
 
 
 def _sse(lines):

@@ -1,4 +1,4 @@
-"""Every Redis key of the service, under one prefix (IMH_REDIS_PREFIX, default "imh").
+r"""Every Redis key of the service, under one prefix (IMH_REDIS_PREFIX, default "imh").
 
 Work:        {p}:work:online, {p}:work:jobs    streams read by the consumer group "workers"
              {p}:dead                          dead-letter stream
@@ -11,10 +11,10 @@ Jobs:        {p}:jobs                          sorted set: job id by creation ti
              {p}:job-states                    hash: job id -> "type:state" (the gauges)
              {p}:job:{id}                      hash: spec, state, counts, timestamps, error
              {p}:job:{id}:events               stream of state and progress events
-             {p}:job:{id}:in:{k}               shard k's input (filter candidates)
-             {p}:job:{id}:out:{k}              shard k's output, written once
              {p}:job:{id}:done                 set of finished shard numbers
-             {p}:job:{id}:result:{name}        a finished filter job's arrays
+             {p}:job:{id}:in:{k}               shard k's input (filter candidates)    \ arrays:
+             {p}:job:{id}:out:{k}              shard k's output                        > service/
+             {p}:job:{id}:result:{name}        a finished filter job's arrays         / batch/arrays
 """
 
 from __future__ import annotations
@@ -68,14 +68,5 @@ class Keys:
     def job_events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
-    def job_input(self, job_id: str, shard: int) -> str:
-        return f"{self.prefix}:job:{job_id}:in:{shard}"
-
-    def job_output(self, job_id: str, shard: int) -> str:
-        return f"{self.prefix}:job:{job_id}:out:{shard}"
-
     def job_done(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:done"
-
-    def job_result(self, job_id: str, name: str) -> str:
-        return f"{self.prefix}:job:{job_id}:result:{name}"

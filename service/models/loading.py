@@ -100,11 +100,19 @@ def _build_module(
         return safe_files.load_exported(
             directory / manifest.file, f"{shown}/{manifest.file}", device
         )
-    from architectures import ArchitectureError, build
+    from architectures import ArchitectureError, build, parameter_bytes
 
-    weights = safe_files.load_safetensors(
-        directory / manifest.weights, f"{shown}/{manifest.weights}", device
-    )
+    path = directory / manifest.weights
+    try:  # a config that asks for far more than the weights hold is refused unbuilt
+        needed = parameter_bytes(manifest.architecture, manifest.config)
+    except ArchitectureError as error:
+        raise BadModelFile(f"{shown}: {error}") from None
+    if needed > 2 * path.stat().st_size + 2**20:
+        raise BadModelFile(
+            f"{shown}: its config builds {needed} bytes of parameters, far more than "
+            f"{manifest.weights} holds ({path.stat().st_size} bytes)"
+        )
+    weights = safe_files.load_safetensors(path, f"{shown}/{manifest.weights}", device)
     try:
         model = build(manifest.architecture, manifest.config)
         if isinstance(manifest, ClassifierManifest) and manifest.transform == "sbn":

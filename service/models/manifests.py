@@ -19,12 +19,39 @@ with an extension that loads without unpickling.
 
 from __future__ import annotations
 
+import json
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 KINDS = ("generator", "discriminator", "proposal", "classifier", "features")
+# Bounds checked before anything is allocated: a manifest cannot make the smoke test (or
+# a zoo architecture's constructor) ask for gigabytes.
+MAX_DIM = 65536  # a latent, noise or feature size, or one axis of a sample
+MAX_SAMPLE_VALUES = 2**24  # values of one sample or input (a 3 x 2048 x 2048 image fits)
+MAX_CONFIG_CHARS = 65536  # a zoo architecture's config, as JSON
+
+
+def _bounded_shape(shape: list[int]) -> list[int]:
+    values = 1
+    for size in shape:
+        values *= size
+    if values > MAX_SAMPLE_VALUES:
+        raise ValueError(f"a shape of {values} values is larger than {MAX_SAMPLE_VALUES}")
+    return shape
+
+
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
+Shape = Annotated[list[Dim], Field(min_length=1, max_length=8), AfterValidator(_bounded_shape)]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # model names and versions: path-safe
 
 # Which extensions each file field may use; none of them is a pickle format.
@@ -58,6 +85,13 @@ class _Manifest(BaseModel):
     architecture: str | None = None  # zoo
     config: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _small_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value)) > MAX_CONFIG_CHARS:
+            raise ValueError(f"config is longer than {MAX_CONFIG_CHARS} characters of JSON")
+        return value
 
     @field_validator("file", "weights")
     @classmethod
@@ -93,8 +127,8 @@ class GaussianProposal(BaseModel):
 
 class GeneratorManifest(_Manifest):
     kind: Literal["generator"]
-    latent_dim: int = Field(ge=1)
-    sample_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    latent_dim: Dim
+    sample_shape: Shape
     discriminator: str | None = None  # default discriminator's name
     real_samples: str | None = None  # held-out real rows ("x"): imh/markov chain starts only
     reference_stats: str | None = None  # pytorch-fid .npz (mu, sigma) for the running FID
@@ -146,13 +180,13 @@ class DiscriminatorManifest(_Manifest):
 class ProposalManifest(_Manifest):
     kind: Literal["proposal"]
     generator: str
-    noise_dim: int = Field(ge=1)
+    noise_dim: Dim
 
 
 class ClassifierManifest(_Manifest):
     kind: Literal["classifier"]
-    classes: list[Any] = Field(min_length=1)
-    input_shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    classes: list[Any] = Field(min_length=1, max_length=MAX_DIM)
+    input_shape: Shape
     uncertainty: str = "none"
     transform: Literal["sbn"] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -160,7 +194,7 @@ class ClassifierManifest(_Manifest):
 
 class FeaturesManifest(_Manifest):
     kind: Literal["features"]
-    feature_dim: int = Field(ge=1)
+    feature_dim: Dim
 
 
 Manifest = Annotated[

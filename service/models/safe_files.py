@@ -14,8 +14,11 @@ safetensors, statistics `.npz` read with allow_pickle=False, metadata JSON.
   targeting "torch.os.system" would call os.system when the program runs.
 `check_pt2` therefore inspects the archive before torch sees it and refuses all of the
 above: only the current archive layout, raw-tensor payloads, sample inputs that load
-under weights_only=True, and graph targets from an allowlist (aten/prims operators,
-arithmetic from `operator` and `math`, symbolic-shape helpers).
+under weights_only=True, and graph targets from an allowlist (pure tensor math from
+ATen, service/models/operators.py; arithmetic from `operator` and `math`; symbolic-shape
+helpers). Reads are bounded: every archive member's size comes from the zip directory
+and is checked before the member is read, so a small file that inflates to gigabytes
+(a zip bomb, a huge JSON) is refused without being unpacked.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from service.errors import BadModelFile, UnsafeModelFile
+from service.models.operators import allowed_aten
 
 PICKLE_PROTOCOL_MARKER = 0x80  # first byte of every pickle stream of protocol >= 2
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".dill", ".npy")
@@ -50,7 +54,10 @@ _SYMBOLIC_TARGETS = {
     f"torch.{name}"
     for name in "sym_float sym_int sym_max sym_min sym_not sym_ite sym_sqrt sym_sum".split()
 }
-_TARGET_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.")
+MAX_JSON_BYTES = 64 * 2**20  # a program's graph description, or a manifest's side file
+MAX_MEMBER_BYTES = 4 * 2**30  # any one archive member, unpacked
+MAX_ELEMENTS = 2**28  # of any tensor a program's graph makes (1 GiB of float32)
+MAX_INFLATION = 200  # unpacked / packed size of a compressed member (text compresses ~10x)
 
 
 def refuse_pickle(path: Path, shown_name: str) -> None:
@@ -73,9 +80,22 @@ def check_pt2(path: Path, shown_name: str) -> None:
         raise BadModelFile(f"{shown_name} is not a torch.export archive (not a zip file)")
     try:
         with zipfile.ZipFile(path) as archive:
+            check_sizes(archive, shown_name)
             _check_archive(archive, shown_name)
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise BadModelFile(f"{shown_name} is a damaged torch.export archive: {error}") from None
+
+
+def check_sizes(archive: zipfile.ZipFile, shown_name: str) -> None:
+    """Refuse members whose unpacked size is out of bounds, before any is read."""
+    for info in archive.infolist():
+        inflation = info.file_size / max(info.compress_size, 1)
+        json_too_big = info.filename.endswith(".json") and info.file_size > MAX_JSON_BYTES
+        if info.file_size > MAX_MEMBER_BYTES or json_too_big or inflation > MAX_INFLATION:
+            raise BadModelFile(
+                f"{shown_name}: {info.filename} unpacks to {info.file_size} bytes "
+                f"({inflation:.0f}x its packed size); refused"
+            )
 
 
 def _check_archive(archive: zipfile.ZipFile, shown_name: str) -> None:
@@ -117,7 +137,8 @@ def _check_payloads(config: dict[str, Any], shown_name: str) -> None:
 
 
 def _check_targets(tree: Any, shown_name: str) -> None:
-    """Every string under a "target" key anywhere in the program must be allowlisted."""
+    """Every string under a "target" key anywhere in the program must be allowlisted, and
+    no tensor or size argument may be large enough to exhaust memory when it runs."""
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -125,12 +146,29 @@ def _check_targets(tree: Any, shown_name: str) -> None:
             target = node.get("target")
             if isinstance(target, str) and not _allowed_target(target):
                 raise UnsafeModelFile(
-                    f"{shown_name}: the program calls {target!r}; only aten/prims operators "
-                    "and plain arithmetic are accepted"
+                    f"{shown_name}: the program calls {target!r}, which is not on the list "
+                    "of pure tensor operators an uploaded program may use"
                 )
+            for key in ("sizes", "as_ints"):
+                if isinstance(node.get(key), list) and _elements(node[key]) > MAX_ELEMENTS:
+                    raise BadModelFile(
+                        f"{shown_name}: the program makes a tensor of {_elements(node[key])} "
+                        f"elements (more than {MAX_ELEMENTS}); refused"
+                    )
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _elements(sizes: list[Any]) -> int:
+    """The product of a size list: plain ints, or symbolic sizes at their example value."""
+    total = 1
+    for size in sizes:
+        if isinstance(size, dict):
+            size = size.get("as_int", (size.get("as_expr") or {}).get("hint", {}).get("as_int"))
+        if isinstance(size, int) and not isinstance(size, bool):
+            total *= max(size, 1)
+    return total
 
 
 def _allowed_target(target: str) -> bool:
@@ -138,9 +176,7 @@ def _allowed_target(target: str) -> bool:
         return True
     if target.startswith("math.") and callable(getattr(math, target[5:], None)):
         return True
-    return target.startswith(_TARGET_PREFIXES) and all(
-        part.isidentifier() and not part.startswith("__") for part in target.split(".")
-    )
+    return allowed_aten(target)
 
 
 def load_exported(path: Path, shown_name: str, device: torch.device) -> torch.nn.Module:
@@ -167,9 +203,16 @@ def load_safetensors(path: Path, shown_name: str, device: torch.device) -> dict[
         raise BadModelFile(f"{shown_name} is not a readable safetensors file: {error}") from None
 
 
-def load_npz(path: Path, shown_name: str) -> dict[str, np.ndarray]:
+def load_npz(
+    path: Path, shown_name: str, max_bytes: int = MAX_MEMBER_BYTES
+) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, refusing one that unpacks past `max_bytes`."""
     refuse_pickle(path, shown_name)
     try:
+        with zipfile.ZipFile(path) as archive:
+            check_sizes(archive, shown_name)
+            if sum(info.file_size for info in archive.infolist()) > max_bytes:
+                raise BadModelFile(f"{shown_name} unpacks to more than {max_bytes} bytes")
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
@@ -177,7 +220,9 @@ def load_npz(path: Path, shown_name: str) -> dict[str, np.ndarray]:
 
 
 def load_json(path: Path, shown_name: str) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise BadModelFile(f"{shown_name} is larger than {MAX_JSON_BYTES} bytes")
     try:
         return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise BadModelFile(f"{shown_name} is not valid JSON: {error}") from None

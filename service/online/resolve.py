@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from samplers.methods import DEFAULTS
+from samplers.methods import DEFAULTS, TABLE
 from service.errors import InvalidRequest, check_limit
 from service.models.loading import LoadedModel
 from service.models.manifests import DiscriminatorManifest, GaussianProposal
@@ -47,6 +47,11 @@ class Resolved:
     stream: bool
     chains: int  # final: n; stream: concurrent chains
     lane: str = "interactive"  # "bulk": large requests and job shards (their own group)
+
+    @property
+    def proposals_per_step(self) -> int:
+        """Points each chain evaluates per step (i-SIR particles, Ex2MCMC's MALA steps)."""
+        return TABLE[self.method].proposals_per_step(TABLE[self.method].validate(self.options))
 
     @property
     def method(self) -> str:

@@ -22,6 +22,7 @@ from safetensors.numpy import load as load_safetensors
 
 from samplers.finite import mh_filter
 from tests.conftest import Server, start_server, stop_server
+from tests.service.conftest import JOB_OWNER
 
 N_GENERATE = 12_000
 STEPS = 150
@@ -48,7 +49,7 @@ class Cluster:
         self.workers: list[Server] = []
         self.worker()  # the API is ready only once a worker is alive: start one first
         self.api = start_server(env, tmp_path / "api.log")
-        self.client = httpx.Client(base_url=self.api.url, timeout=60.0)
+        self.client = httpx.Client(base_url=self.api.url, timeout=60.0, headers=JOB_OWNER)
 
     def worker(self) -> Server:
         log = self.tmp / f"worker-{len(self.workers)}.log"

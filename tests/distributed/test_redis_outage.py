@@ -12,6 +12,7 @@ import httpx
 
 from tests.conftest import RedisProcess, start_server, stop_server
 from tests.distributed.test_cluster import cluster_env, generate, result_samples, wait_job
+from tests.service.conftest import JOB_OWNER
 
 
 def poll(check, timeout: float, what: str):
@@ -34,7 +35,7 @@ def test_readiness_follows_redis_and_accepted_jobs_survive_a_restart(tmp_path):
     env = cluster_env(redis.url)
     worker = start_server(env, tmp_path / "worker.log", command="worker")
     api = start_server(env, tmp_path / "api.log")
-    client = httpx.Client(base_url=api.url, timeout=30.0)
+    client = httpx.Client(base_url=api.url, timeout=30.0, headers=JOB_OWNER)
     try:
         jobs = [generate(client, seed=seed, n=4000) for seed in range(3)]
         poll(lambda: client.get(f"/v1/jobs/{jobs[0]['id']}").json()["state"] == "running",

@@ -8,6 +8,7 @@ import pytest
 from tests.service.toy_models import build_store
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+JOB_OWNER = {"X-IMH-Job-Token": "test-job-owner-0123456789"}  # the jobs these tests make
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def server(imh_server, model_store):
 
 @pytest.fixture(scope="session")
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=60.0) as client:
+    with httpx.Client(base_url=server.url, timeout=60.0, headers=JOB_OWNER) as client:
         yield client
 
 

@@ -99,7 +99,7 @@ def in_process(app, method: str, path: str, **kwargs):
 
     async def call():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as local:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as local:
             return await local.request(method, path, **kwargs)
 
     return asyncio.run(call())

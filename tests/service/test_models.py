@@ -151,7 +151,7 @@ def test_without_a_configured_token_administration_is_refused(tmp_path):
 
     async def delete():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as local:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as local:
             return await local.delete("/v1/models/a/1", headers={"Authorization": "Bearer x"})
 
     response = asyncio.run(delete())

@@ -2,6 +2,11 @@
 
 A generate job is a JSON body. A filter job uploads its candidates: multipart/form-data
 with a `job` part (the JSON) and a `candidates` file (.npy or .safetensors).
+
+A job belongs to a token: the one the client sent as X-IMH-Job-Token when it created
+the job, or one the server made and returned in the answer (`token`, shown once). Reading
+a job, its events and its result, and cancelling it, need that token (or the admin
+token as `Authorization: Bearer`); the listing shows the jobs of the token sent.
 """
 
 from __future__ import annotations
@@ -10,25 +15,32 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api import encoding
-from service.api.deps import JobsDep, StateDep
+from service.api.deps import JobsDep, StateDep, is_admin
 from service.batch.schemas import (
     FilterJobCreate,
     GenerateJobCreate,
     JobCreate,
+    JobCreated,
     JobPublic,
     JobsPublic,
 )
+from service.batch.service import JobAccess, new_token
 from service.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$", description="the id POST returned")]
+TokenHeader = Annotated[
+    str | None,
+    Header(alias="X-IMH-Job-Token", min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$",
+           description="the job's token (POST: choose your own, else one is made)"),
+]  # fmt: skip
 SAFETENSORS = "application/x-safetensors"
 _JOB = TypeAdapter(JobCreate)
 _MULTIPART_SCHEMA = {
@@ -43,85 +55,112 @@ _BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": GenerateJobCreate.model_json_schema()},
+            "application/json": {"schema": {"$ref": "#/components/schemas/GenerateJobCreate"}},
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
         },
     }
 }
+_NEED_TOKEN = {
+    403: {"description": "the job belongs to another token"},
+    404: {"description": "no such job (unknown, or expired)"},
+    422: {"description": "a malformed job id or token"},
+    503: {"description": "Redis is unreachable or models are loading"},
+}
+
+
+async def job_access(
+    state: StateDep,
+    token: TokenHeader = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> JobAccess:
+    return JobAccess(token, is_admin(state.settings, authorization))
+
+
+AccessDep = Annotated[JobAccess, Depends(job_access)]
 
 
 @router.post(
     "",
     status_code=201,
-    response_model=JobPublic,
+    response_model=JobCreated,
     summary="Submit a generate job (JSON) or a filter job (multipart upload)",
     openapi_extra=_BODY,
     responses={
-        409: {"description": "conflict"},
-        413: {"description": "the upload is larger than IMH_MAX_UPLOAD_BYTES"},
+        404: {"description": "unknown generator or discriminator"},
+        413: {"description": "the body is larger than IMH_MAX_BODY_BYTES (JSON) or "
+              "IMH_MAX_UPLOAD_BYTES (multipart)"},
+        415: {"description": "neither JSON nor multipart/form-data"},
         422: {"description": "a field or the candidate file is invalid"},
         503: {"description": "Redis is unreachable or models are loading"},
     },
-)
-async def create_job(request: Request, jobs: JobsDep, state: StateDep) -> JSONResponse:
+)  # fmt: skip
+async def create_job(request: Request, jobs: JobsDep, access: AccessDep) -> JSONResponse:
+    access = JobAccess(access.token or new_token(), access.admin)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        limit = state.settings.max_upload_bytes
         async with request.form(max_files=1, max_fields=2, max_part_size=2**20) as form:
-            spec = _parse(_json_part(form.get("job")), ("body", "job"))
+            spec = _parse(_json(form.get("job"), ("job",)), ("body", "job"))
             upload = form.get("candidates")
             if isinstance(spec, GenerateJobCreate):
                 if upload is not None:
                     raise InvalidRequest("generate jobs take no candidates", ("candidates",))
-                job = await jobs.create_generate(spec)
+                job = await jobs.create_generate(spec, access)
             else:
                 if not isinstance(upload, UploadFile):
                     raise InvalidRequest(
                         "a filter job needs a `candidates` file part", ("candidates",)
                     )
-                if upload.size is not None and upload.size > limit:
-                    raise HTTPException(413, f"candidates exceed {limit} bytes")
-                job = await jobs.create_filter(spec, upload.file)
-    else:
-        try:
-            data = await request.json()
-        except ValueError:
-            raise InvalidRequest("the body must be JSON (or multipart for filter jobs)") from None
-        spec = _parse(data, ("body",))
+                job = await jobs.create_filter(spec, upload.file, access)
+    elif content_type.startswith("application/json") or not content_type:
+        spec = _parse(_json(await request.body(), ()), ("body",))
         if isinstance(spec, FilterJobCreate):
             raise InvalidRequest(
                 "filter jobs upload their candidates: send multipart/form-data with a `job` "
                 "part (this JSON) and a `candidates` file",
                 ("type",),
             )
-        job = await jobs.create_generate(spec)
-    return JSONResponse(_public(job), 201, headers={"Location": f"/v1/jobs/{job['id']}"})
+        job = await jobs.create_generate(spec, access)
+    else:
+        raise HTTPException(415, "send JSON, or multipart/form-data for a filter job")
+    answer = {**_public(job), "token": access.token}
+    return JSONResponse(answer, 201, headers={"Location": f"/v1/jobs/{job['id']}"})
 
 
-@router.get("", response_model=JobsPublic, summary="Jobs, newest first")
+@router.get(
+    "",
+    response_model=JobsPublic,
+    summary="The jobs of the token sent, newest first (all of them for the admin)",
+    responses={422: {"description": "a malformed token"}, 503: _NEED_TOKEN[503]},
+)
 async def list_jobs(
     jobs: JobsDep,
+    access: AccessDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     state: Annotated[
         str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")
     ] = None,
 ) -> dict[str, Any]:
-    return {"jobs": [_public(job) for job in await jobs.list(limit, state)]}
+    return {"jobs": [_public(job) for job in await jobs.list(limit, state, access)]}
 
 
-@router.get("/{job_id}", response_model=JobPublic, summary="A job's state, progress and counts")
-async def get_job(job_id: JobId, jobs: JobsDep) -> dict[str, Any]:
-    return _public(await jobs.get(job_id))
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="A job's state, progress and counts",
+    responses=_NEED_TOKEN,
+)
+async def get_job(job_id: JobId, jobs: JobsDep, access: AccessDep) -> dict[str, Any]:
+    return _public(await jobs.get(job_id, access))
 
 
 @router.delete(
     "/{job_id}",
     response_model=JobPublic,
     summary="Cancel a job (its running shards stop within a second)",
-    responses={409: {"description": "the job has already succeeded or failed"}},
+    responses={**_NEED_TOKEN, 409: {"description": "the job has already succeeded or failed"}},
 )
-async def cancel_job(job_id: JobId, jobs: JobsDep) -> dict[str, Any]:
-    job = await jobs.cancel(job_id)
+async def cancel_job(job_id: JobId, jobs: JobsDep, access: AccessDep) -> dict[str, Any]:
+    job = await jobs.cancel(job_id, access)
     if job["state"] in ("succeeded", "failed"):
         raise HTTPException(409, f"job {job_id} has already {job['state']}")
     return _public(job)
@@ -131,14 +170,15 @@ async def cancel_job(job_id: JobId, jobs: JobsDep) -> dict[str, Any]:
     "/{job_id}/events",
     summary="Server-sent events: state changes and progress; resumes from Last-Event-ID",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={**_NEED_TOKEN, 200: {"content": {"text/event-stream": {}}}},
 )
 async def job_events(
     job_id: JobId,
     jobs: JobsDep,
+    access: AccessDep,
     last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
 ) -> StreamingResponse:
-    await jobs.get(job_id)  # 404 before the stream starts
+    await jobs.get(job_id, access)  # 403/404 before the stream starts
 
     async def frames() -> AsyncIterator[bytes]:
         async for event_id, name, data in jobs.store.events(job_id, last_event_id or "0"):
@@ -156,6 +196,7 @@ async def job_events(
     summary="The result: .npy (default) or .safetensors (Accept: application/x-safetensors)",
     response_class=StreamingResponse,
     responses={
+        **_NEED_TOKEN,
         200: {
             "content": {"application/x-npy": {}, SAFETENSORS: {}},
             "description": "generate: the samples (n, *sample_shape) float32. filter: npy of "
@@ -167,11 +208,12 @@ async def job_events(
 async def job_result(
     job_id: JobId,
     jobs: JobsDep,
+    access: AccessDep,
     array: Annotated[str | None, Query(description="filter jobs: which array as .npy")] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     as_safetensors = SAFETENSORS in (accept or "")
-    chunks = await jobs.result(job_id, array, as_safetensors)
+    chunks = await jobs.result(job_id, array, as_safetensors, access)
     suffix = "safetensors" if as_safetensors else "npy"
     return StreamingResponse(
         chunks,
@@ -180,19 +222,24 @@ async def job_result(
     )
 
 
-def _json_part(part: Any) -> Any:
-    if not isinstance(part, str):
+def _json(part: Any, field: tuple[str, ...]) -> Any:
+    """JSON text or bytes as data; any malformed input (bad encoding, nesting too deep
+    for the parser) is a 422 naming the part."""
+    if part is None or isinstance(part, UploadFile):
         raise InvalidRequest("send the job as a form field `job` holding JSON", ("job",))
     try:
         return json.loads(part)
-    except ValueError as error:
-        raise InvalidRequest(f"the `job` part is not JSON: {error}", ("job",)) from None
+    except (ValueError, RecursionError) as error:
+        where = "the `job` part" if field else "the body"
+        raise InvalidRequest(f"{where} is not valid JSON: {str(error)[:200]}", field) from None
 
 
 def _parse(data: Any, where: tuple[str, ...]) -> GenerateJobCreate | FilterJobCreate:
     try:
         return _JOB.validate_python(data)
-    except ValidationError as error:
+    except (ValidationError, RecursionError) as error:
+        if isinstance(error, RecursionError):
+            raise InvalidRequest("the job is nested too deeply", where[1:]) from None
         problems = [{**e, "loc": (*where, *e["loc"])} for e in error.errors(include_url=False)]
         raise RequestValidationError(problems) from None
 
