@@ -235,9 +235,9 @@ def _flatten(rw: _Rewrite, shape: tuple[int, ...]) -> None:
 def _dense_block(rw: _Rewrite) -> None:
     layer = rw.take()
     weight, bias = _weights(layer.module)
+    weight, bias = _fold_input_affine(rw, layer, weight, bias)  # on the pooled features
     if rw.pooling is not None:  # averaging before the flatten: read the unpooled features
         weight, rw.pooling = weight @ rw.pooling, None
-    weight, bias = _fold_input_affine(rw, layer, weight, bias)
     weight, bias = _fold_output_affines(rw, weight, bias)
     relu = (follower := rw.peek()) is not None and follower.kind == "relu"
     if relu:

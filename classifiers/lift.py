@@ -247,10 +247,10 @@ class _Walk:
     def add_layer(self, node: fx.Node, spec: dict[str, Any], **tensors: torch.Tensor) -> None:
         module = make_layer(spec).eval()
         with torch.no_grad():
-            for name, value in tensors.items():
-                if value is not None:
-                    getattr(module, name).copy_(value.reshape(getattr(module, name).shape))
             try:
+                for name, value in tensors.items():
+                    if value is not None:
+                        getattr(module, name).copy_(value.reshape(getattr(module, name).shape))
                 probe = module(self.probe)
             except RuntimeError as error:
                 raise UnsupportedGraph(node.name, f"does not fit its input: {error}") from None

@@ -20,7 +20,7 @@ passes, each a fresh permutation from a generator seeded with `seed`, full batch
 `batch_size` rows (the training batch size: the spread of the statistics depends on it).
 
 Example:
-    net = prepare_sbn_fit(program, spec)               # UnsupportedGraph before any work
+    check_sbn_fit(program, spec, train, held_out, settings)   # before queueing the job
     result = run_sbn_fit(program, spec, train, held_out, ood, SbnFitSettings(seed=0))
     result.write(folder); result.report["sbn"]["nll"]
 """
@@ -51,7 +51,7 @@ from classifiers.job_common import (
 )
 from classifiers.lift import UnsupportedGraph, lift
 from classifiers.lifted import LiftedNet
-from classifiers.upload_data import BadData, Dataset, split_held_out
+from classifiers.upload_data import BadData, Dataset, require_labels, split_held_out
 
 MIN_FIT_BATCHES = 8  # the spread of the statistics is estimated across batches: need several
 MAX_EPOCHS = 100
@@ -175,6 +175,29 @@ def evaluate_sbn(
     return report
 
 
+def check_sbn_fit(
+    program: torch.export.ExportedProgram,
+    spec: ClassifierSpec,
+    train: Dataset,
+    held_out: Dataset | None = None,
+    settings: SbnFitSettings | None = None,
+) -> tuple[LiftedNet, Dataset, Dataset]:
+    """Every check of the job, none of its work (the service calls it before queueing).
+
+    Returns the lifted network and the (train, held out) sets the job will use: without
+    `held_out`, a seeded `settings.held_out_fraction` of `train`. Raises UnsupportedGraph
+    or BadData.
+    """
+    settings = settings or SbnFitSettings()
+    net = prepare_sbn_fit(program, spec)
+    require_labels(train, "train")
+    if held_out is None:
+        train, held_out = split_held_out(train, settings.held_out_fraction, settings.seed)
+    require_labels(held_out, "held_out")
+    settings.check(len(train))
+    return net, train, held_out
+
+
 def run_sbn_fit(
     program: torch.export.ExportedProgram,
     spec: ClassifierSpec,
@@ -188,15 +211,11 @@ def run_sbn_fit(
 ) -> SbnFitResult:
     """The whole sbn-fit job (see the module docstring).
 
-    Without `held_out`, a seeded `settings.held_out_fraction` of `train` is held out.
-    Raises UnsupportedGraph or BadData before any work, JobCancelled when should_stop()
-    says so (nothing to resume: the fit takes seconds).
+    Raises what `check_sbn_fit` raises before any work, JobCancelled when should_stop()
+    says so (nothing to resume: the fit takes seconds; start it again).
     """
     settings = settings or SbnFitSettings()
-    net = prepare_sbn_fit(program, spec)
-    if held_out is None:
-        train, held_out = split_held_out(train, settings.held_out_fraction, settings.seed)
-    settings.check(len(train))
+    net, train, held_out = check_sbn_fit(program, spec, train, held_out, settings)
     report_progress(progress, 0.0, phase="lifted")
     model = fit_sbn(net, train.x, settings, progress, should_stop)
     check_stop(should_stop)

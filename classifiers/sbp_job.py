@@ -19,7 +19,7 @@ Result files (`PruneResult.write(folder)`):
     classifier.pt2  torch.export.save of the compressed network
 
 Example:
-    blocks = prepare_sbp_prune(program, spec)        # UnsupportedGraph before any work
+    check_sbp_prune(program, spec, train, held_out, settings)   # before queueing the job
     result = run_sbp_prune(program, spec, train, held_out, PruneSettings(seed=0),
                            on_checkpoint=lambda c: c.save(folder))
     result.write(out); result.report["metrics"]["flops_reduction"]
@@ -58,7 +58,7 @@ from classifiers.program_export import (
     program_ops,
 )
 from classifiers.sbp_resumable import Checkpoint, PruneSettings, train_resumable
-from classifiers.upload_data import BadData, Dataset, split_held_out
+from classifiers.upload_data import BadData, Dataset, require_labels, split_held_out
 
 TRAIN_SHARE = 0.9  # of the job's progress; compression, export and timing share the rest
 SPEED_BATCHES = (1, 256)
@@ -119,6 +119,29 @@ def fingerprint(blocks: BlockNet, train: Dataset, settings: PruneSettings) -> st
     return digest.hexdigest()
 
 
+def check_sbp_prune(
+    program: ExportedProgram,
+    spec: ClassifierSpec,
+    train: Dataset,
+    held_out: Dataset | None = None,
+    settings: PruneSettings | None = None,
+) -> tuple[BlockNet, Dataset, Dataset]:
+    """Every check of the job, none of its work (the service calls it before queueing).
+
+    Returns the block network and the (train, held out) sets the job will use: without
+    `held_out`, a seeded `settings.held_out_fraction` of `train`. Raises UnsupportedGraph
+    or BadData.
+    """
+    settings = settings or PruneSettings()
+    blocks = prepare_sbp_prune(program, spec)
+    require_labels(train, "train")
+    if held_out is None:
+        train, held_out = split_held_out(train, settings.held_out_fraction, settings.seed)
+    require_labels(held_out, "held_out")
+    check_settings(settings, len(train))
+    return blocks, train, held_out
+
+
 def run_sbp_prune(
     program: ExportedProgram,
     spec: ClassifierSpec,
@@ -137,15 +160,12 @@ def run_sbp_prune(
     Without `held_out`, a seeded `settings.held_out_fraction` of `train` is held out.
     `on_checkpoint(checkpoint)` gets a Checkpoint every `settings.checkpoint_every` steps
     (store it: `checkpoint.save(folder)`); pass the last one as `resume` to continue a
-    killed or cancelled run with the same program, data and settings. Raises
-    UnsupportedGraph or BadData before any work, JobCancelled (with a checkpoint) when
-    should_stop() says so.
+    killed or cancelled run with the same program, data and settings. Raises what
+    `check_sbp_prune` raises before any work, JobCancelled (with a checkpoint) when
+    should_stop() says so, ValueError for a checkpoint of another job.
     """
     settings = settings or PruneSettings()
-    blocks = prepare_sbp_prune(program, spec)
-    if held_out is None:
-        train, held_out = split_held_out(train, settings.held_out_fraction, settings.seed)
-    check_settings(settings, len(train))
+    blocks, train, held_out = check_sbp_prune(program, spec, train, held_out, settings)
     noisy = sbp.add_sbp(blocks)
     report_progress(progress, 0.0, phase="lifted", units=[b.units for b in blocks.blocks])
 

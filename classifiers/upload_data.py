@@ -254,6 +254,12 @@ def read_dataset(
     return Dataset(x, y)
 
 
+def require_labels(data: Dataset, field: str) -> None:
+    """BadData unless `data` is labelled (training and held-out sets must be)."""
+    if data.y is None:
+        raise BadData(f"{field}.y", "labels are needed")
+
+
 def split_held_out(data: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(train, held out): a seeded random `fraction` of the rows is held out."""
     if not 0.0 < fraction < 1.0:

@@ -14,8 +14,8 @@ from torch import nn
 from classifiers.job_common import ClassifierSpec
 from classifiers.lift import UnsupportedGraph, lift
 from classifiers.sbn_job import SbnFitSettings, prepare_sbn_fit
-from classifiers.sbp_job import prepare_sbp_prune
-from classifiers.upload_data import BadData, DataLimits, read_dataset, split_held_out
+from classifiers.sbp_job import check_sbp_prune, prepare_sbp_prune
+from classifiers.upload_data import BadData, DataLimits, Dataset, read_dataset, split_held_out
 from tests.classifiers.conftest import DIGITS_SPEC, export
 
 # Graphs ---------------------------------------------------------------------------------
@@ -271,3 +271,17 @@ def test_sbn_settings_that_cannot_work_are_refused():
     with pytest.raises(BadData) as error:
         SbnFitSettings(epochs=0).check(train_rows=1000)
     assert error.value.field == "epochs"
+
+
+def test_jobs_need_labelled_training_and_held_out_data():
+    program = export(mlp())
+    labelled = Dataset(torch.rand(40, 1, 8, 8), torch.arange(40) % 10)
+    unlabelled = Dataset(torch.rand(40, 1, 8, 8), None)
+    with pytest.raises(BadData) as error:
+        check_sbp_prune(program, DIGITS_SPEC, unlabelled)
+    assert error.value.field == "train.y"
+    with pytest.raises(BadData) as error:
+        check_sbp_prune(program, DIGITS_SPEC, labelled, unlabelled)
+    assert error.value.field == "held_out.y"
+    blocks, train, held_out = check_sbp_prune(program, DIGITS_SPEC, labelled)
+    assert (len(train), len(held_out)) == (32, 8)  # the default fifth is held out
