@@ -28,6 +28,7 @@ class Result(NamedTuple):
     accepted: int  # row-steps that moved (chains) or accepted (drs)
     restarted: int  # rows that needed the restart round
     fallback: int = 0  # drs rows that spent their budget: their output is no DRS sample
+    has_sample: torch.Tensor | None = None  # (B,) bool: drs rows whose output is a sample
 
     @property
     def acceptance_rate(self) -> float:
@@ -62,8 +63,9 @@ def run_final(kernel: Kernel, state: Any, noise: Noise, steps: int) -> Result:
     assert steps >= 1, "steps must be at least 1"
     if kernel.done is not None:
         state, proposals, accepted = _until_done(kernel, state, noise)
-        fallback = int((~state.has_sample).sum()) if hasattr(state, "has_sample") else 0
-        return Result(kernel.output(state), proposals, accepted, 0, fallback)
+        has_sample = getattr(state, "has_sample", None)
+        fallback = int((~has_sample).sum()) if has_sample is not None else 0
+        return Result(kernel.output(state), proposals, accepted, 0, fallback, has_sample)
     state, proposals, accepted = _steps(kernel, state, noise, steps)
     restarted = 0
     if kernel.restart is not None:

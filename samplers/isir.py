@@ -76,24 +76,25 @@ def init(
 def isir_move(generator: Generator, log_ratio: LogRatio, state: Any, noise: Noise):
     """One i-SIR step of every row of `state` (any state with the fields of `State`);
     returns the moved state and the step's Info (no warm-up, no trace)."""
-    fresh = state.particles - 1  # (B,)
-    draws = noise.normal_per_row(fresh, state.z.shape[1])  # (B, K, d), zero-padded
-    valid = torch.arange(draws.shape[1], device=draws.device) < fresh[:, None].to(draws.device)
-    z_new = (state.scale[:, None, None] * draws)[valid]  # (M, d): one batch for G and D
-    x_new = generator(z_new)
+    z_grid, valid = _fresh_particles(state, noise)
+    z_new = z_grid.reshape(-1, z_grid.shape[2]) if valid is None else z_grid[valid]
+    if len(z_new) == 0:  # every row has one particle: nothing to move to
+        stay = torch.zeros(len(state.z), dtype=torch.bool, device=state.z.device)
+        return state, Info(stay, torch.full_like(state.log_target, -torch.inf))
+    x_new = generator(z_new)  # the B x (N - 1) new particles in one batch
     log_target_new = log_prior(z_new) + log_ratio(x_new).float()
-    scale_new = state.scale[:, None].expand_as(valid)[valid]
-    log_weights = torch.full(valid.shape, -torch.inf, device=valid.device)
-    log_weights[valid] = log_target_new - log_proposal(z_new, scale_new)
+    if valid is None:
+        target_grid = log_target_new.view(z_grid.shape[:2])
+    else:
+        target_grid = torch.full(valid.shape, -torch.inf, device=valid.device)
+        target_grid[valid] = log_target_new
     current = state.log_target - log_proposal(state.z, state.scale)
-    log_weights = torch.cat([current[:, None], log_weights], 1).nan_to_num(nan=-torch.inf)
+    fresh = target_grid - log_proposal(z_grid, state.scale[:, None])
+    # NaN weighs nothing; +inf becomes the largest float, so it is picked (IMH moves to it).
+    log_weights = torch.cat([current[:, None], fresh], 1).nan_to_num(nan=-torch.inf)
     pick, log_move = _categorical(log_weights, noise)
     moved = pick > 0
-    flat = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
-    flat[valid] = torch.arange(len(z_new), device=valid.device)
-    chosen = flat.gather(1, (pick - 1).clamp(min=0)[:, None]).squeeze(1).clamp(min=0)
-    if len(z_new) == 0:  # every row has one particle: nothing to move to
-        return state, Info(moved, log_move)
+    chosen = _flat_index(pick, valid, z_grid.shape[1])
     return state._replace(
         z=where_rows(moved, z_new[chosen], state.z),
         x=where_rows(moved, x_new[chosen], state.x),
@@ -101,19 +102,42 @@ def isir_move(generator: Generator, log_ratio: LogRatio, state: Any, noise: Nois
     ), Info(moved, log_move)
 
 
+def _fresh_particles(state: Any, noise: Noise) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, K, d) draws from q, K the most any row needs, and the (B, K) mask of real ones
+    (None when every row has the same count, the usual case: nothing to mask)."""
+    rows, dim = state.z.shape
+    fresh = state.particles - 1
+    width = int(fresh.max()) if rows else 0
+    if rows == 0 or int(fresh.min()) == width:
+        return state.scale[:, None, None] * noise.normal(width, dim), None
+    draws = noise.normal_per_row(fresh, dim)
+    valid = torch.arange(width, device=draws.device) < fresh[:, None].to(draws.device)
+    return state.scale[:, None, None] * draws, valid
+
+
+def _flat_index(pick: torch.Tensor, valid: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Where each row's picked new particle (pick >= 1) sits in the flat batch."""
+    column = (pick - 1).clamp(min=0)
+    if valid is None:
+        return torch.arange(len(pick), device=pick.device) * width + column
+    flat = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+    flat[valid] = torch.arange(int(valid.sum()), device=valid.device)
+    return flat.gather(1, column[:, None]).squeeze(1)
+
+
 def _categorical(log_weights: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, index i with probability w_i / sum w, and log(1 - w_0 / sum w).
 
     A row whose weights are all zero (every score NaN or -inf) stays at index 0.
     """
-    top = log_weights.max(1, keepdim=True).values
+    top = log_weights.max(1, keepdim=True).values.clamp(min=torch.finfo(log_weights.dtype).min)
     weights = (log_weights - top).exp().nan_to_num(nan=0.0)
-    weights[:, 0] = torch.where(top[:, 0] > -torch.inf, weights[:, 0], 1.0)
     cumulative = weights.cumsum(1)
     total = cumulative[:, -1]
-    threshold = noise.uniform() * total
-    pick = (cumulative <= threshold[:, None]).sum(1).clamp(max=weights.shape[1] - 1)
-    return pick, torch.log1p(-weights[:, 0] / total)
+    pick = (cumulative <= (noise.uniform() * total)[:, None]).sum(1)
+    pick = pick.clamp(max=weights.shape[1] - 1).masked_fill(total == 0, 0)
+    log_move = torch.log1p(-weights[:, 0] / total)
+    return pick, log_move.nan_to_num(nan=-torch.inf, neginf=-torch.inf)
 
 
 def build(generator: Generator, log_ratio: LogRatio) -> Kernel:
