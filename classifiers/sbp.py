@@ -307,7 +307,8 @@ class SBPLayer(nn.Module):
     """Multiplies dim 1 of its input (channels or features) by theta, one per unit.
 
     Training mode: an independent theta per example and unit (broadcast over spatial
-    dimensions). Eval mode: the deterministic E[theta] * 1[SNR > 1] (see `keep_mask`).
+    dimensions), drawn from `noise_generator` (torch's global generator when None).
+    Eval mode: the deterministic E[theta] * 1[SNR > 1] (see `keep_mask`).
     Parameters `mu` and `log_sigma` are clamped to [-20, 5] when used; `project_()`
     clamps them in place after an optimiser step.
     """
@@ -318,6 +319,8 @@ class SBPLayer(nn.Module):
             raise ValueError(f"an SBP layer needs at least one unit, got {units}")
         self.mu = nn.Parameter(torch.full((units,), INIT_MU))
         self.log_sigma = nn.Parameter(torch.full((units,), INIT_LOG_SIGMA))
+        # a job's own generator keeps its draws apart from other threads' (not saved)
+        self.noise_generator: torch.Generator | None = None
 
     @property
     def units(self) -> int:
@@ -357,7 +360,8 @@ class SBPLayer(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.units:
             raise ValueError(f"expected input (N, {self.units}, ...), got {tuple(x.shape)}")
         if self.training:
-            theta = sample_log_theta(*self.clamped(), (x.shape[0],)).exp()  # (N, units)
+            draws = sample_log_theta(*self.clamped(), (x.shape[0],), self.noise_generator)
+            theta = draws.exp()  # (N, units)
         else:
             theta = self.multiplier()[None]  # (1, units)
         return x * theta.to(x.dtype).view(*theta.shape, *([1] * (x.dim() - 2)))

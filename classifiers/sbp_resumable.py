@@ -4,16 +4,17 @@
 learning-rate schedule, shuffling and noise draws, so without interruptions it gives
 bit for bit the same network), and every `checkpoint_every` steps hands a `Checkpoint`
 to `on_checkpoint`. Resuming from a checkpoint restores the network, Adam's moments, the
-shuffling generator, the global RNG that draws the noise, the current epoch's order and
-the running totals, so an interrupted run ends with the same network as one that never
-stopped; a worker killed mid-training loses at most the steps since its last checkpoint.
+shuffling and noise generators (the run's own: torch's global one is never used), the
+current epoch's order and the running totals, so an interrupted run ends with the same
+network as one that never stopped; a worker killed mid-training loses at most the steps
+since its last checkpoint.
 
 Checkpoint format (`Checkpoint.save(folder)` / `Checkpoint.load(folder)`):
 
     checkpoint.safetensors   "model.<key>"         the SBP network's state dict
                              "optimizer.<i>.<name>" Adam state of parameter i (step,
                                                    exp_avg, exp_avg_sq)
-                             "rng.noise"           torch's global RNG state (uint8)
+                             "rng.noise"           the noise generator's state (uint8)
                              "rng.shuffle"         the shuffling generator's state (uint8)
                              "order"               the current epoch's permutation (int64)
     checkpoint.json          {"format": 1, "step", "epoch", "batch" (next batch of the
@@ -115,11 +116,11 @@ class _Run:
         self.history: list[dict[str, float]] = []
         self.totals = {"ce": 0.0, "penalty": 0.0}
 
-    def checkpoint(self, model, optimizer, shuffle: torch.Generator) -> Checkpoint:
+    def checkpoint(self, model, optimizer, shuffle, noise: torch.Generator) -> Checkpoint:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         for index, state in optimizer.state_dict()["state"].items():
             tensors.update({f"optimizer.{index}.{name}": value for name, value in state.items()})
-        tensors.update({"rng.noise": torch.get_rng_state(), "rng.shuffle": shuffle.get_state(),
+        tensors.update({"rng.noise": noise.get_state(), "rng.shuffle": shuffle.get_state(),
                         "order": self.order})  # fmt: skip
         meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.epoch,
                 "batch": self.batch, "steps": self.steps, "settings": self.settings.to_dict(),
@@ -127,7 +128,7 @@ class _Run:
                 "totals": self.totals}  # fmt: skip
         return Checkpoint({k: v.clone() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
 
-    def restore(self, checkpoint: Checkpoint, model, optimizer, shuffle) -> None:
+    def restore(self, checkpoint: Checkpoint, model, optimizer, shuffle, noise) -> None:
         meta, tensors = checkpoint.meta, checkpoint.tensors
         if meta.get("fingerprint") != self.fingerprint or meta.get("steps") != self.steps:
             raise ValueError("the checkpoint belongs to another job (data, settings or network)")
@@ -139,7 +140,7 @@ class _Run:
                 _, index, name = key.split(".", 2)
                 state["state"].setdefault(int(index), {})[name] = value.clone()
         optimizer.load_state_dict(state)
-        torch.set_rng_state(tensors["rng.noise"])
+        noise.set_state(tensors["rng.noise"])
         shuffle.set_state(tensors["rng.shuffle"])
         self.order = tensors["order"].clone()
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
@@ -162,21 +163,27 @@ def train_resumable(
 
     x (N, *input_shape) float32, y (N,) int64, on the model's device. `progress(fraction
     of training, info)` is called about a hundred times; `should_stop()` before every
-    step: when it says so, JobCancelled carries a checkpoint of the work so far. The
-    global RNG is restored afterwards. The model is left in eval mode.
+    step: when it says so, JobCancelled carries a checkpoint of the work so far. Draws
+    come from generators of the run's own, never torch's global one, so jobs in several
+    threads stay reproducible. The model is left in eval mode.
     """
     if not sbp_layers(model):
         raise ValueError("the model has no SBP layers: use classifiers.sbp.add_sbp first")
     run = _Run(settings, len(x), fingerprint)
     optimizer = _optimizer(model, settings)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    # two generators of the job's own (the noise one draws what torch's global generator,
+    # seeded alike, draws in classifiers.sbp.fit): no other thread shares them
     shuffle = torch.Generator().manual_seed(settings.seed)
+    noise = torch.Generator().manual_seed(settings.seed)
     every = max(1, run.steps // 100)
+    if resume is not None:
+        run.restore(resume, model, optimizer, shuffle, noise)
+    layers = sbp_layers(model)
+    for layer in layers:
+        layer.noise_generator = noise
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        if resume is not None:
-            run.restore(resume, model, optimizer, shuffle)
+    try:
         while run.epoch < settings.epochs:
             decay = min(1.0, 2.0 * (1.0 - run.epoch / settings.epochs))
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -186,15 +193,19 @@ def train_resumable(
                 run.totals = {"ce": 0.0, "penalty": 0.0}
             while run.batch < run.steps_per_epoch:
                 if should_stop is not None and should_stop():
-                    raise JobCancelled("cancelled", run.checkpoint(model, optimizer, shuffle))
+                    checkpoint = run.checkpoint(model, optimizer, shuffle, noise)
+                    raise JobCancelled("cancelled", checkpoint)
                 _step(model, optimizer, x, y, run, settings)
                 if on_checkpoint is not None and run.step % settings.checkpoint_every == 0:
-                    on_checkpoint(run.checkpoint(model, optimizer, shuffle))
+                    on_checkpoint(run.checkpoint(model, optimizer, shuffle, noise))
                 if progress is not None and (run.step % every == 0 or run.step == run.steps):
                     progress(run.step / run.steps, {"phase": "sbp", "step": run.step,
                              "steps": run.steps, "epoch": run.epoch + 1, **run.totals})  # fmt: skip
             run.history.append({"epoch": run.epoch + 1, **run.totals})
             run.epoch, run.batch = run.epoch + 1, 0
+    finally:
+        for layer in layers:
+            layer.noise_generator = None
     model.eval()
     return run.history
 

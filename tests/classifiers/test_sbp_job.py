@@ -103,7 +103,7 @@ def test_a_run_resumed_from_its_last_checkpoint_ends_as_an_uninterrupted_run(tmp
     assert resumed.report["sbp"]["history"] == uninterrupted.report["sbp"]["history"]
 
 
-def test_resumable_training_is_classifiers_sbp_training_without_interruptions():
+def test_resumable_training_is_classifiers_sbp_training_and_keeps_to_its_generators():
     program, data, _ = small_job()
     from classifiers.block_rewrite import to_block_net
     from classifiers.lift import lift
@@ -111,7 +111,12 @@ def test_resumable_training_is_classifiers_sbp_training_without_interruptions():
     blocks = to_block_net(lift(program, [1, 8, 8]))
     expected = sbp.train_sbp(blocks, data.x, data.y, epochs=2, batch_size=32, seed=3)
     noisy = sbp.add_sbp(blocks)
-    train_resumable(noisy, data.x, data.y, PruneSettings(epochs=2, batch_size=32, seed=3))
+
+    def others_draw_too(fraction, info):  # another thread using torch's global generator
+        torch.rand(100)
+
+    settings = PruneSettings(epochs=2, batch_size=32, seed=3)
+    train_resumable(noisy, data.x, data.y, settings, progress=others_draw_too)
     for key, value in expected.state_dict().items():
         assert torch.equal(noisy.state_dict()[key], value), key
 
