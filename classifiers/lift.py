@@ -17,7 +17,8 @@ export emits them (training IR) and after `run_decompositions()` (core ATen):
   native_batch_norm / _native_batch_norm_legit with training=False (BN2d and BN1d);
 - per-channel or scalar add / sub / mul / div by constants (input normalisation): folded
   into the preceding conv or linear layer, else kept as an `affine` layer;
-- activations relu, leaky_relu, gelu, silu, tanh, sigmoid, hardtanh (and in-place forms);
+- activations relu, leaky_relu, gelu, silu (also decomposed: x * sigmoid(x)), tanh,
+  sigmoid, hardtanh (and in-place forms);
 - pooling max_pool2d (also with_indices), avg_pool2d, adaptive_avg_pool2d, mean over
   (H, W);
 - flatten, view, reshape, squeeze that turn each input into a vector; identity-shaped
@@ -112,6 +113,8 @@ for _kind, _names, _params in (
 ):
     for _op in _overloads(*_names):
         _ACTIVATIONS[_op] = (_kind, _params)
+_SIGMOIDS = _overloads("sigmoid")
+_MULTIPLIES = _overloads("mul.Tensor")
 _DROPOUTS = _overloads(
     "dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"
 )
@@ -144,6 +147,7 @@ class _Walk:
         self.modules: list[nn.Module] = []
         self.sources: list[str] = []  # the graph node each layer came from
         self.in_tuple = False  # the activation is a tuple (BN, pool with indices)
+        self.done: set[fx.Node] = set()  # nodes a pattern has already taken in
         self.input_node = self._read_signature()
         self.activation = self.input_node
         self.input_shape = tuple(input_shape)
@@ -289,7 +293,7 @@ class _Walk:
         self._check_input()
         handlers = _handlers()
         for node in self.graph.nodes:
-            if node.op == "placeholder":
+            if node.op == "placeholder" or node in self.done:
                 continue
             if node.op == "output":
                 self.finish(node)
@@ -308,7 +312,7 @@ class _Walk:
                     self.symbolic[node] = SYMBOLIC
                 elif node.users:
                     self.fold_constant(node)
-            else:
+            elif not self.silu_pattern(node):
                 self.check_single_consumer(node)
                 handler = handlers.get(node.target)
                 if handler is None:
@@ -349,6 +353,22 @@ class _Walk:
             raise UnsupportedGraph(node.name, f"operation {target} is not supported")
         with torch.no_grad():
             self.values[node] = target(*args, **kwargs)
+
+    def silu_pattern(self, node: fx.Node) -> bool:
+        """x * sigmoid(x), the decomposed SiLU, becomes one silu layer."""
+        x = self.activation
+        if node.target not in _SIGMOIDS or node.args[0] is not x or self.in_tuple:
+            return False
+        users = [user for user in x.users if user.target not in _SIZE_OPS]
+        product = next((user for user in users if user is not node), None)
+        if len(users) != 2 or product is None or product.target not in _MULTIPLIES:
+            return False
+        if set(product.args) != {x, node} or list(node.users) != [product]:
+            return False
+        self.add_layer(node, {"kind": "silu"})
+        self.activation = product
+        self.done.add(product)
+        return True
 
     def check_single_consumer(self, node: fx.Node) -> None:
         if self.activation not in node.all_input_nodes:

@@ -138,3 +138,44 @@ def test_exported_program_round_trip_still_lifts(user_classifier):
     x = inputs()
     with torch.no_grad():
         assert (net(x) - user_classifier.module(x)).abs().max() < 1e-5
+
+
+class MixedForms(nn.Module):
+    """Buffers for input scaling (one not persistent), a bias added by hand, BN without
+    affine, ReLU6, Dropout2d, Identity, LeakyReLU, ceil-mode average pooling, SiLU
+    (x * sigmoid(x) once decomposed), squeeze, a scalar multiple, tanh and sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.3]).view(1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.2]).view(1, 1, 1, 1))
+        self.conv = nn.Conv2d(1, 6, 3, bias=False)
+        self.bias = nn.Parameter(torch.randn(6))
+        self.bn = nn.BatchNorm2d(6, affine=False)
+        self.features = nn.Sequential(
+            nn.ReLU6(), nn.Dropout2d(0.1), nn.Identity(), nn.Conv2d(6, 8, 3, padding=1),
+            nn.LeakyReLU(0.1), nn.AvgPool2d(2, ceil_mode=True), nn.SiLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Sigmoid(), nn.Linear(12, 4)
+        )
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        x = self.features(self.bn(self.conv(x) + self.bias.view(1, -1, 1, 1)))
+        return self.head(2.0 * F.adaptive_avg_pool2d(x, 1).squeeze())
+
+
+def test_mixed_module_forms_are_lifted_in_both_graph_forms(tmp_path):
+    model = MixedForms()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    program = export(model.eval())
+    x = inputs()
+    for variant in (program, program.run_decompositions()):
+        net = lift(variant, [1, 8, 8])
+        assert "silu" in [spec["kind"] for spec in net.config["layers"]]
+        with torch.no_grad():
+            assert (net(x) - model(x)).abs().max() < 1e-5
+            assert torch.equal(saved_and_rebuilt(net, tmp_path)(x), net(x))
