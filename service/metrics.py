@@ -93,6 +93,13 @@ class Metrics:
             SAMPLE_LABELS,
             registry=r,
         )
+        self.r_hat = Histogram(
+            "imh_r_hat",
+            "Split R-hat of a finished request's traced chains (above 1.05: did not mix)",
+            SAMPLE_LABELS,
+            buckets=(1.0, 1.01, 1.02, 1.05, 1.1, 1.2, 1.5, 2.0, 5.0),
+            registry=r,
+        )
         self.models_loaded = Gauge(
             "imh_models_loaded", "Models in the registry", ("kind",), registry=r
         )
@@ -153,3 +160,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def forget_model(self, name: str) -> None:
+        """Drop every series labelled with model `name` (its last version was deleted)."""
+        # prometheus_client keeps a metric's children by label values; it has no public
+        # way to list them, so read its own table to find the ones to remove.
+        for collector in list(self.registry._collector_to_names):  # noqa: SLF001
+            labels = getattr(collector, "_labelnames", ())
+            if "model" not in labels:
+                continue
+            at = labels.index("model")
+            for values in list(getattr(collector, "_metrics", {})):
+                if values[at] == name:
+                    collector.remove(*values)

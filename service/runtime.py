@@ -169,7 +169,9 @@ class Runtime:
             if op == "install":
                 await asyncio.to_thread(self.registry.load_one, store, name, version, "store")
             else:
-                self.registry.remove(name, version)
+                self.registry.remove(name, version, allow_zoo=True)  # the API checked
+                if not self.registry.versions(name):
+                    self.metrics.forget_model(name)
             log.info("model %s:%s: %s", name, version, op)
         except ServiceError as error:  # not in this worker's store, or already gone
             log.warning("model %s:%s: cannot %s here: %s", name, version, op, error.message)

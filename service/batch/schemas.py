@@ -7,9 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.online.schemas import (
-    _MODEL_REF,
-    _REQUEST,
-    MethodParams,
+    MODEL_REF,
+    REQUEST,
+    Method,
     SampleCreate,
     request_dict,
     route_params,
@@ -23,7 +23,7 @@ class GenerateJobCreate(BaseModel):
     """n samples from a generator, post-processed with a method, in final mode."""
 
     model_config = ConfigDict(
-        **_REQUEST,
+        **REQUEST,
         json_schema_extra={
             "examples": [
                 {"type": "generate", "generator": "digits", "method": "imh", "n": 20000, "seed": 1}
@@ -31,16 +31,16 @@ class GenerateJobCreate(BaseModel):
         },
     )
     type: Literal["generate"]
-    generator: Annotated[str, _MODEL_REF]
-    discriminator: Annotated[str, _MODEL_REF] | None = None
-    method: Literal["none", "imh", "drs", "markov", "pcn", "mala"] = "imh"
+    generator: Annotated[str, MODEL_REF]
+    discriminator: Annotated[str, MODEL_REF] | None = None
+    method: Method = "imh"
     n: int = Field(ge=1, description="samples to produce (limit: IMH_MAX_JOB_N)")
     steps: int | None = Field(None, ge=1)
     calibration: str | None = Field(None, max_length=64)
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="same seed and shard size, same samples"
     )
-    params: MethodParams = None
+    params: Any = Field(None, description="the method's options, as in POST /v1/sample")
 
     @model_validator(mode="before")
     @classmethod
@@ -62,7 +62,7 @@ class FilterJobCreate(BaseModel):
     """Score an uploaded candidate set and keep what an MH chain (or DRS) over it accepts."""
 
     model_config = ConfigDict(
-        **_REQUEST,
+        **REQUEST,
         json_schema_extra={
             "examples": [
                 {"type": "filter", "discriminator": "digits-d", "method": "imh", "seed": 0}
@@ -70,7 +70,7 @@ class FilterJobCreate(BaseModel):
         },
     )
     type: Literal["filter"]
-    discriminator: Annotated[str, _MODEL_REF]
+    discriminator: Annotated[str, MODEL_REF]
     calibration: str | None = Field(None, max_length=64)
     method: Literal["imh", "drs"] = "imh"
     chain_length: int | None = Field(

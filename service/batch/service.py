@@ -89,8 +89,8 @@ class JobService:
         rows = self.settings.job_shard_rows
         probe = spec.shard_request(min(spec.n, rows), spec.seed)  # what every shard will run
         resolved = await self.sampling.resolve(probe, stream=False)
-        proposals = spec.n * max(resolved.steps, 1) * resolved.proposals_per_step
-        what = "n x steps x proposals per step"
+        proposals = spec.n * resolved.proposals_per_chain
+        what = "proposals: n x steps x proposals per step (drs: x its budget)"
         check_limit(proposals, self.settings.max_job_proposals, ("steps",), what)
         sizes = shard_sizes(spec.n, rows)
         shape = tuple(resolved.generator.manifest.sample_shape)

@@ -20,7 +20,6 @@ import asyncio
 import copy
 import io
 import json
-import re
 import secrets
 import tempfile
 import time
@@ -38,7 +37,7 @@ from service.classifiers.schemas import ClassifierPublic, SbpReport
 from service.errors import EngineFailure, InvalidRequest
 from service.metrics import LATENCY_BUCKETS, Metrics
 from service.models.loading import LoadedModel
-from service.models.manifests import NAME_PATTERN
+from service.models.manifests import NAME_PATTERN, valid_name
 from service.models.registry import Registry
 from service.settings import Settings
 
@@ -52,7 +51,6 @@ MIN_FIT_BATCHES = 8  # the spread of the statistics is estimated across batches:
 MAX_FIT_EPOCHS = 100
 MAX_FIT_ROWS = 2**22  # inputs x epochs of one sbn-fit: keeps a synchronous fit short
 NUMERIC_KINDS = "fiu"  # numpy dtype kinds accepted as inputs (no bool, complex, objects)
-_NAME = re.compile(NAME_PATTERN)
 
 
 class ClassifierService:
@@ -246,7 +244,7 @@ class ClassifierService:
         return await asyncio.to_thread(self._fit_and_install, source, x, fit, target, store)
 
     def _check_target(self, target: str) -> None:
-        if not _NAME.match(target):
+        if not valid_name(target):
             raise InvalidRequest(f"target must match {NAME_PATTERN}", ("target",))
         others = {model.kind for model in self.registry.versions(target)} - {"classifier"}
         if others:

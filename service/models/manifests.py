@@ -20,6 +20,7 @@ with an extension that loads without unpickling.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Self
 
@@ -53,6 +54,13 @@ def _bounded_shape(shape: list[int]) -> list[int]:
 Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
 Shape = Annotated[list[Dim], Field(min_length=1, max_length=8), AfterValidator(_bounded_shape)]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # model names and versions: path-safe
+_NAME = re.compile(NAME_PATTERN)
+
+
+def valid_name(text: str) -> bool:
+    """A whole model name or version matches NAME_PATTERN (a trailing newline does not)."""
+    return isinstance(text, str) and _NAME.fullmatch(text) is not None
+
 
 # Which extensions each file field may use; none of them is a pickle format.
 FILE_SUFFIXES: dict[str, tuple[str, ...]] = {

@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
 import shutil
 import tempfile
 import threading
@@ -29,11 +29,10 @@ import torch
 
 from service.errors import BadModelFile, ModelConflict, ModelNotFound
 from service.models.loading import LoadedModel, load_model, read_manifest
-from service.models.manifests import NAME_PATTERN, DiscriminatorManifest
+from service.models.manifests import NAME_PATTERN, DiscriminatorManifest, valid_name
 
 log = logging.getLogger("imh.registry")
 ZOO_STORE = Path(__file__).resolve().parents[2] / "zoo" / "store"
-_NAME = re.compile(NAME_PATTERN)
 
 
 def version_key(version: str) -> tuple[int, int, str]:
@@ -87,6 +86,26 @@ class Registry:
                     latest[model.name] = model
         return [latest[name] for name in sorted(latest)]
 
+    def missing_partners(self, model: LoadedModel) -> list[str]:
+        """What `model`'s manifest names that is not loaded (yet): said at upload time."""
+        manifest, problems = model.manifest, []
+        wanted = {
+            "discriminator": getattr(manifest, "discriminator", None),
+            "features": getattr(manifest, "features", None),
+            "generator": getattr(manifest, "generator", None),
+        }
+        for kind, ref in wanted.items():
+            if ref is None:
+                continue
+            try:
+                self.get(ref, kind=kind)
+            except ModelNotFound:
+                problems.append(
+                    f"{model.ref} names {kind} {ref!r}, which is not loaded: upload it "
+                    f"(kind {kind!r}) before sampling with {model.name}"
+                )
+        return problems
+
     # Loading -------------------------------------------------------------------------
 
     def load_store(self, root: Path, source: str) -> int:
@@ -96,7 +115,7 @@ class Registry:
         loaded = 0
         for folder in sorted(p for p in root.glob("*/*") if p.is_dir()):
             name, version = folder.parent.name, folder.name
-            if not (_NAME.match(name) and _NAME.match(version)):
+            if not (valid_name(name) and valid_name(version)):
                 continue  # staging folders and stray files are not models
             try:
                 self._put(load_model(folder, name, version, source, self.device))
@@ -109,7 +128,7 @@ class Registry:
 
     def load_one(self, root: Path, name: str, version: str, source: str) -> LoadedModel:
         """(Re)load one <root>/<name>/<version>/ folder, e.g. after another process wrote it."""
-        if not (_NAME.match(name) and _NAME.match(version)):
+        if not (valid_name(name) and valid_name(version)):
             raise BadModelFile(f"name and version must match {NAME_PATTERN}")
         model = load_model(root / name / version, name, version, source, self.device)
         self._put(model)
@@ -124,7 +143,7 @@ class Registry:
         (so a failure leaves nothing behind), and only then moved into place and swapped
         into the registry.
         """
-        if not _NAME.match(name) or (version is not None and not _NAME.match(version)):
+        if not valid_name(name) or (version is not None and not valid_name(version)):
             raise BadModelFile(f"name and version must match {NAME_PATTERN}")
         if "manifest.json" not in files:
             raise BadModelFile("the upload needs a manifest")
@@ -158,22 +177,35 @@ class Registry:
             self._put(model, locked=True)
         return model
 
-    def remove(self, name: str, version: str, store: Path | None = None) -> LoadedModel:
-        """Unload a version (and delete its folder from `store` when given)."""
+    def remove(
+        self, name: str, version: str, store: Path | None = None, allow_zoo: bool = False
+    ) -> tuple[LoadedModel, bool]:
+        """Unload a version, and delete its folder when it lives in `store` (the name's
+        folder too once empty). Returns (the model, whether files were deleted).
+
+        Built-in (zoo) models are refused unless `allow_zoo`; their files are never
+        deleted, so they are back after a restart.
+        """
         with self._write_lock:
             model = self._models.get((name, version))
             if model is None:
                 raise ModelNotFound(f"no model {name}:{version} is loaded")
+            if model.source == "zoo" and not allow_zoo:
+                raise ModelConflict(
+                    f"{model.ref} is a built-in model; start the server with "
+                    "IMH_ALLOW_ZOO_DELETE=1 to unload it (or IMH_ZOO=0 to load none)"
+                )
             table = dict(self._models)
             del table[(name, version)]
             self._models = table
-            if (
-                store is not None
-                and model.source == "store"
-                and model.directory.parent.parent == store
-            ):
-                shutil.rmtree(model.directory, ignore_errors=True)
-        return model
+            folder = model.directory.resolve()
+            owned = store is not None and folder.parent.parent == store.resolve()
+            if owned and model.source == "store":
+                shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    folder.parent.rmdir()  # only if no other version is left
+                return model, True
+        return model, False
 
     def _put(self, model: LoadedModel, locked: bool = False) -> None:
         if not locked:

@@ -12,6 +12,7 @@ mode). Results cross threads with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from samplers import make_generator
+from samplers import make_generator, take
+from samplers.diagnostics import TraceRecorder
 
 # Rows per random stream. Fixed, so a seed's samples never depend on the configuration;
 # large, because each extra stream costs a separate draw per step (about 0.1 ms at 2048
@@ -58,6 +60,7 @@ class BlockSpec:
     stream: bool = False
     thin: int = 1  # stream: emit on every thin-th step
     target: int = 0  # stream: stop after this many samples
+    trace: bool = False  # record the chains' trace for R-hat and ESS (a request's first block)
 
 
 class StreamDone(Exception):
@@ -70,6 +73,7 @@ class BlockOutcome(NamedTuple):
     accepted: int
     restarted: int
     fallback: int  # rows that return a fallback (drs: no accepted proposal at all)
+    diagnostics: dict[str, Any] | None = None  # TraceRecorder.summary() of a traced block
 
 
 class BlockOwner(Protocol):
@@ -97,8 +101,12 @@ class ChainBlock:
         self.steps_done = self.phase = self.proposals = self.accepted = self.emitted = 0
         self.restarted = 0
         self.last_stepped = -1  # the group's step counter when this block last stepped
-        self.kept: Any = None  # final phase 1: the full state the restarted rows return to
-        self.stuck_index: torch.Tensor | None = None
+        # Final mode may step a subset of the block's rows (the restart round, drs rows
+        # not done yet): `kept` is then the whole block's state, `index` the rows stepping.
+        self.kept: Any = None
+        self.index: torch.Tensor | None = None
+        self.recorder = TraceRecorder() if spec.trace else None
+        self.trace_lock = threading.Lock()  # the group records, the event loop summarises
 
     async def result(self) -> BlockOutcome:
         try:
@@ -128,7 +136,35 @@ class ChainBlock:
             self.owner.cancel(self)
 
     def outcome(self, samples: torch.Tensor | None, fallback: int = 0) -> BlockOutcome:
-        return BlockOutcome(samples, self.proposals, self.accepted, self.restarted, fallback)
+        return BlockOutcome(
+            samples, self.proposals, self.accepted, self.restarted, fallback, self.diagnostics()
+        )
+
+    def diagnostics(self) -> dict[str, Any] | None:
+        if self.recorder is None:
+            return None
+        with self.trace_lock:
+            return self.recorder.summary()
+
+    # Final mode: stepping a subset of the rows -----------------------------------------
+
+    def narrow(self, state: Any, mask: torch.Tensor) -> None:
+        """Step only the rows `mask` of `state` (the rows now stepping) from here on."""
+        whole = self.widen(state)
+        current = self.index if self.index is not None else torch.arange(len(mask))
+        self.kept, self.index = whole, current.to(mask.device)[mask]
+        self.state = take(state, mask)
+        self.block_rows = [int(part.sum()) for part in torch.split(mask.cpu(), self.block_rows)]
+        self.rows = len(self.index)
+
+    def widen(self, state: Any) -> Any:
+        """The whole block's state, with the stepping rows' `state` put back in place."""
+        if self.index is None:
+            return state
+        return type(self.kept)(
+            *(whole.index_copy(0, self.index, part)
+              for whole, part in zip(self.kept, state, strict=True))
+        )  # fmt: skip
 
 
 def call(block: ChainBlock, fn: Callable[..., Any], *args: Any) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from samplers import Kernel, Noise, concat, split, take
+from samplers.chain import emitted
 from service.errors import EngineFailure, ServiceError
 from service.online.admission import AdmissionQueue
 from service.online.chains import BlockSpec, ChainBlock, call, settle
@@ -168,6 +169,7 @@ class Group:
         started = time.perf_counter()
         state, info = self._kernel.step(batch.state, batch.noise)
         self._steps += 1
+        shown = emitted(info)
         counts = torch.zeros(len(runnable), dtype=torch.long, device=info.is_accepted.device)
         counts = counts.index_add_(0, batch.owner, info.is_accepted.long()).tolist()
         emits = [b.spec.stream and (b.steps_done + 1) % b.spec.thin == 0 for b in runnable]
@@ -180,15 +182,16 @@ class Group:
             block.last_stepped = self._steps
             block.proposals += block.rows
             block.accepted += counts[index]
+            self._record(block, info, rows)
             if block.spec.stream:
                 if emits[index] and counts[index]:
-                    self._emit(block, outputs[rows][info.is_accepted[rows]])
+                    self._emit(block, outputs[rows][shown[rows]])
                 if block.emitted >= block.spec.target or block.steps_done >= block.spec.steps:
                     self._finish(block, block.outcome(None), None)
                     changed.add(index)
-            elif block.steps_done >= block.spec.steps:
-                self._end_round(plan, block, take(state, rows))
-                changed.add(index)
+            elif self._kernel.done is not None or block.steps_done >= block.spec.steps:
+                if self._end_round(plan, block, take(state, rows)):
+                    changed.add(index)
         if changed:  # the others take their rows back; the next step rebuilds the batch
             for index, block in enumerate(runnable):
                 if index not in changed:
@@ -199,6 +202,15 @@ class Group:
         self._m["step_duration"].observe(time.perf_counter() - started)
         self._m["proposals"].inc(batch.offsets[-1])
         self._m["accepted"].inc(sum(counts))
+
+    def _record(self, block: ChainBlock, info: Any, rows: slice) -> None:
+        """The block's trace for R-hat and ESS: its first round only, warm-up skipped."""
+        if block.recorder is None or block.phase != 0:
+            return
+        trace = None if info.trace is None else info.trace[rows]
+        warmup = None if info.in_warmup is None else info.in_warmup[rows]
+        with block.trace_lock:
+            block.recorder.record(trace, warmup)
 
     def _build(self, blocks: list[ChainBlock]) -> _Batch:
         rows = [block.rows for block in blocks]
@@ -216,29 +228,40 @@ class Group:
         self.queue.count_emitted(block)
         call(block, block.events.put_nowait, samples)
 
-    def _end_round(self, plan: Plan, block: ChainBlock, state: Any) -> None:
-        """run_final's ending: one restart round for flagged rows, then the samples."""
-        restart = self._kernel.restart
-        if block.phase == 0 and restart is not None:
-            state, stuck = restart(state)
+    def _end_round(self, plan: Plan, block: ChainBlock, state: Any) -> bool:
+        """After a final-mode step: True when the block's stepping rows change.
+
+        A `done` kernel (drs) steps each row until it is done (the others leave), whatever
+        the step count; a chain method runs its steps, then one restart round for the rows
+        the kernel flags (run_final's rule), then the block has its samples."""
+        done = self._kernel.done
+        if done is not None:
+            finished = done(state)
+            if bool(finished.all()):
+                whole = block.widen(state)
+                self._finish(block, block.outcome(self._kernel.output(whole).cpu(),
+                                                  plan.fallback_rows(whole)), None)  # fmt: skip
+            elif bool(finished.any()):
+                self._narrow(block, state, ~finished)
+            else:
+                return False
+            return True
+        if block.phase == 0 and self._kernel.restart is not None:
+            state, stuck = self._kernel.restart(state)
             if bool(stuck.any()):
-                block.kept, block.stuck_index = state, stuck.nonzero().squeeze(1)
-                block.state = take(state, stuck)
-                counts = [int(part.sum()) for part in torch.split(stuck.cpu(), block.block_rows)]
-                self.queue.release(block.rows - len(block.stuck_index))
-                block.block_rows = counts
-                block.rows = block.restarted = len(block.stuck_index)
+                block.restarted = int(stuck.sum())
                 block.phase, block.steps_done = 1, 0
-                return
-        elif block.phase == 1:
-            state = type(block.kept)(
-                *(
-                    whole.index_copy(0, block.stuck_index, part)
-                    for whole, part in zip(block.kept, state, strict=True)
-                )
-            )
-        outcome = block.outcome(self._kernel.output(state).cpu(), plan.fallback_rows(state))
+                self._narrow(block, state, stuck)
+                return True
+        whole = block.widen(state)
+        outcome = block.outcome(self._kernel.output(whole).cpu(), plan.fallback_rows(whole))
         self._finish(block, outcome, None)
+        return True
+
+    def _narrow(self, block: ChainBlock, state: Any, mask: torch.Tensor) -> None:
+        before = block.rows
+        block.narrow(state, mask)
+        self.queue.release(before - block.rows)
 
     def _fail(self, blocks: list[ChainBlock], error: BaseException) -> None:
         failure = (

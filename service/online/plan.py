@@ -40,7 +40,9 @@ class MethodPlan:
 
     def start(self, spec: BlockSpec, noise: Noise) -> tuple[Any, Any]:
         try:
-            return prepare(self.method, self.models, spec.options, noise, self.pilot_logits)
+            return prepare(
+                self.method, self.models, spec.options, noise, self.pilot_logits, steps=spec.steps
+            )
         except MethodError as error:
             raise request_options_error(error, self.method) from None
 

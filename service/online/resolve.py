@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from samplers.methods import DEFAULTS, TABLE
+from samplers.methods import DEFAULTS, TABLE, MethodError
 from service.errors import InvalidRequest, check_limit
 from service.models.loading import LoadedModel
 from service.models.manifests import DiscriminatorManifest, GaussianProposal
@@ -49,9 +49,10 @@ class Resolved:
     lane: str = "interactive"  # "bulk": large requests and job shards (their own group)
 
     @property
-    def proposals_per_step(self) -> int:
-        """Points each chain evaluates per step (i-SIR particles, Ex2MCMC's MALA steps)."""
-        return TABLE[self.method].proposals_per_step(TABLE[self.method].validate(self.options))
+    def proposals_per_chain(self) -> int:
+        """The most points one chain may evaluate: steps x points per step (i-SIR
+        particles, Ex2MCMC's MALA steps), or a drs row's proposal budget."""
+        return chain_work(self.method, self.options, self.steps)
 
     @property
     def method(self) -> str:
@@ -95,13 +96,12 @@ def resolve(
     discriminator = None if method == "none" else _discriminator(registry, generator, body)
     defaults = generator.manifest.sampler_defaults.get(method, {})
     options = {k: v for k, v in defaults.items() if k in DEFAULTS[method]}
-    options.update(
-        {
-            k: v
-            for k, v in params.model_dump(exclude_none=True).items()
-            if k in DEFAULTS[method] and v is not None
-        }
-    )
+    given = params.model_dump(include=set(DEFAULTS[method]), exclude_none=True)
+    options.update(given)
+    try:
+        TABLE[method].validate(options)
+    except MethodError as error:
+        raise InvalidRequest(str(error), ("params",)) from None
     proposal, proposal_kind = None, None
     if method == "markov":
         proposal, proposal_kind = _markov_proposal(registry, discriminator, params, options)
@@ -111,10 +111,11 @@ def resolve(
     if mode == "stream":
         chains = params.chains or min(body.n, DEFAULT_STREAM_CHAINS)
     elif params.chains is not None:
-        raise InvalidRequest("chains applies to stream mode only", ("params", method, "chains"))
+        raise InvalidRequest("chains applies to stream mode only", ("params", "chains"))
     if method == "none" and mode == "final":
         steps = 0  # the first proposals are the samples
-    _check_work(body, generator, mode, chains, steps, limits)
+    check_limit(steps, limits.max_steps, ("steps",))
+    _check_work(body, generator, mode, chains, chain_work(method, options, steps), limits)
     return Resolved(
         body, generator, discriminator, proposal, proposal_kind,
         calibration_for(discriminator, body.calibration), options, steps, seed,
@@ -122,17 +123,24 @@ def resolve(
     )  # fmt: skip
 
 
+def chain_work(method: str, options: dict[str, Any], steps: int) -> int:
+    spec = TABLE[method]
+    options = spec.validate(options)
+    if "max_proposals_per_sample" in options:  # drs: rows propose until they accept
+        return options["max_proposals_per_sample"]
+    return max(steps, 1) * spec.proposals_per_step(options)
+
+
 def _check_work(
-    body: SampleCreate, generator: LoadedModel, mode: str, chains: int, steps: int, limits: Limits
+    body: SampleCreate, generator: LoadedModel, mode: str, chains: int, work: int, limits: Limits
 ) -> None:
     """Limits on steps, chains, proposals and answer size; formats that cannot work."""
-    check_limit(steps, limits.max_steps, ("steps",))
     if mode == "stream":
-        check_limit(chains, limits.max_chains, ("params", body.method, "chains"))
+        check_limit(chains, limits.max_chains, ("params", "chains"))
         if body.format != "json":
             raise InvalidRequest("stream mode answers in JSON only", ("format",))
-    check_limit(chains * max(steps, 1), limits.max_proposals, ("steps",),
-                what="n (or chains) x steps")  # fmt: skip
+    what = "proposals: n (or chains) x steps x proposals per step (drs: x its budget)"
+    check_limit(chains * work, limits.max_proposals, ("steps",), what)
     manifest = generator.manifest
     shape = manifest.sample_shape
     what = f"the answer's bytes ({body.n} samples of shape {shape}, float32)"
@@ -190,7 +198,7 @@ def _markov_proposal(
     registry: Registry, discriminator: LoadedModel, params: Any, options: dict[str, Any]
 ) -> tuple[LoadedModel | None, str]:
     manifest: DiscriminatorManifest = discriminator.manifest
-    field = ("params", "markov", "proposal")
+    field = ("params", "proposal")
     if manifest.input == "sample":
         if params.proposal not in (None, "independent"):
             raise InvalidRequest(

@@ -1,8 +1,13 @@
-"""Request and response bodies (pydantic v2). `XCreate` comes in, `XPublic` goes out.
+"""Sampling request and answer bodies (pydantic v2). `XCreate` comes in, `XPublic` goes out.
+
+The methods and their options come from `samplers.methods.TABLE`, the one list of
+methods: each method's `params` model (`ImhParams`, `PcnParams`, ...) is built here from
+the options its kernel module declares, plus the options every method takes (mode,
+chains, thin). A new kernel module is a new method of the API with nothing written here.
 
 Requests forbid unknown keys and non-finite numbers, and carry Field constraints, so a
-bad value gets a 422 whose `loc` names the field, e.g. ["body", "params", "pcn", "beta"].
-Limits that depend on settings (n, steps, chains) are checked by the service layer and
+bad value gets a 422 whose `loc` names the field, e.g. ["body", "params", "beta"]. Limits
+that depend on settings (n, steps, chains) are checked by the service layer and
 answered the same way.
 """
 
@@ -10,20 +15,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
-from samplers.methods import METHODS
+from samplers.methods import METHODS, TABLE
 
-Method = Literal["none", "imh", "drs", "markov", "pcn", "mala"]
-_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
-_MODEL_REF = Field(min_length=1, max_length=201, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+Method = Literal[METHODS]  # type: ignore[valid-type]
+REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+MODEL_REF = Field(min_length=1, max_length=201, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
-class _Params(BaseModel):
+class CommonParams(BaseModel):
     """Options every method takes: how results come back."""
 
-    model_config = _REQUEST
-    method: str  # filled in from the request's method: it selects the params model
+    model_config = REQUEST
     mode: Literal["final", "stream"] | None = Field(
         None,
         description="final: one sample per chain after `steps` steps (default for "
@@ -33,71 +44,46 @@ class _Params(BaseModel):
     thin: int = Field(1, ge=1, le=10_000, description="stream mode: emit on every thin-th step")
 
 
-class NoneParams(_Params):
-    method: Literal["none"]
+def _params_model(method: str) -> type[CommonParams]:
+    spec = TABLE[method]
+    fields: dict[str, Any] = {
+        option.name: (
+            option.annotation | None,
+            Field(
+                None,
+                description=f"{option.description} (default: {option.default})",
+                **option.constraints,
+            ),
+        )  # fmt: skip
+        for option in spec.options
+    }
+    name = "".join(part.capitalize() for part in method.split("_")) + "Params"
+    return create_model(name, __base__=CommonParams, __doc__=spec.summary, **fields)
 
 
-class ImhParams(_Params):
-    method: Literal["imh"]
-    init: Literal["real", "generator"] | None = Field(
-        None, description="chain start: held-out real samples (MH-GAN, default) or G"
-    )
+PARAMS: dict[str, type[CommonParams]] = {method: _params_model(method) for method in METHODS}
 
 
-class DrsParams(_Params):
-    method: Literal["drs"]
-    gamma: float | None = Field(None, description="fixed shift of F; 0 is exact rejection sampling")
-    gamma_percentile: float | None = Field(
-        None, ge=0, le=100, description="gamma as this percentile of F over the pilot (DRS paper)"
-    )
-    eps: float | None = Field(None, gt=0, le=1, description="keeps log(1 - exp(.)) finite")
-
-    @model_validator(mode="after")
-    def _one_gamma(self) -> DrsParams:
-        if self.gamma is not None and self.gamma_percentile is not None:
-            raise ValueError("give gamma or gamma_percentile, not both")
-        return self
-
-
-class MarkovParams(_Params):
-    method: Literal["markov"]
-    init: Literal["real", "generator"] | None = None
-    proposal: Literal["gaussian", "conditional", "independent"] | None = Field(
-        None, description="default: what the pair discriminator was trained for"
-    )
-    scale: float | None = Field(None, gt=0, le=1e3, description="Gaussian proposal scale")
-
-
-class PcnParams(_Params):
-    method: Literal["pcn"]
-    beta: float | None = Field(None, gt=0, le=1, description="step in (0, 1]; 1 is independent")
-
-
-class MalaParams(_Params):
-    method: Literal["mala"]
-    step_size: float | None = Field(None, gt=0, le=10, description="Langevin step size")
-
-
-MethodParams = Annotated[
-    NoneParams | ImhParams | DrsParams | MarkovParams | PcnParams | MalaParams,
-    Field(discriminator="method"),
-]
+class PngOptions(BaseModel):
+    model_config = REQUEST
+    scale: int = Field(4, ge=1, le=16, description="each pixel drawn as scale x scale pixels")
+    columns: int | None = Field(None, ge=1, le=256, description="default: a near-square grid")
 
 
 class SampleCreate(BaseModel):
     """POST /v1/sample and /v1/sample/stream."""
 
     model_config = ConfigDict(
-        **_REQUEST,
+        **REQUEST,
         json_schema_extra={
             "examples": [{"generator": "toy25", "method": "imh", "n": 16, "steps": 50, "seed": 0}]
         },
     )
-    generator: Annotated[str, _MODEL_REF] = Field(description='"name" or "name:version"')
-    discriminator: Annotated[str, _MODEL_REF] | None = Field(
+    generator: Annotated[str, MODEL_REF] = Field(description='"name" or "name:version"')
+    discriminator: Annotated[str, MODEL_REF] | None = Field(
         None, description="default: the generator's default (for markov: its pair discriminator)"
     )
-    method: Method = "imh"
+    method: Method = Field("imh", description="see GET /v1/methods")
     n: int = Field(64, ge=1, description="samples to return (limit: IMH_MAX_N)")
     steps: int | None = Field(None, ge=1, description="steps per chain (default 20; IMH_MAX_STEPS)")
     calibration: str | None = Field(
@@ -105,7 +91,17 @@ class SampleCreate(BaseModel):
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same samples")
     format: Literal["json", "npy", "png"] = "json"
-    params: MethodParams = Field(None, description="method options; see the method's schema")
+    strict: bool = Field(
+        False, description="fail with a 422 instead of answering with warnings (chains that "
+        "did not mix, DRS rows that spent their proposal budget)",
+    )  # fmt: skip
+    png: PngOptions | None = Field(None, description="format png: how the grid is drawn")
+    params: Any = Field(
+        None,
+        description="the method's options: the `<Method>Params` schema of the chosen method",
+        json_schema_extra={"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"}
+                                     for m in PARAMS.values()] + [{"type": "null"}]},
+    )  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -113,30 +109,28 @@ class SampleCreate(BaseModel):
         return route_params(data)
 
 
-def request_dict(body: BaseModel) -> dict[str, Any]:
-    """A request as JSON-ready data that validates back to an equal request.
-
-    (Dumps carry params.method, which only the validator may set.)
-    """
-    data = body.model_dump(mode="json", exclude_none=True)
-    if isinstance(data.get("params"), dict):
-        data["params"] = {k: v for k, v in data["params"].items() if k != "method"}
-    return data
-
-
 def route_params(data: Any) -> Any:
-    """Tag params with the method so the right options model validates them."""
+    """Validate `params` with the options model of the request's method (the top-level
+    `method` selects it), so errors name the option: ["body", "params", "beta"]."""
     if not isinstance(data, dict):
         return data
-    method = data.get("method", "imh")
-    params = data.get("params")
-    if params is None:
-        params = {}
-    if isinstance(params, dict) and "method" in params:
-        raise ValueError("params.method is not an option: set the top-level method")
-    if isinstance(params, dict) and method in METHODS:
-        return {**data, "params": {**params, "method": method}}
-    return {k: v for k, v in data.items() if k != "params"} if method not in METHODS else data
+    method, params = data.get("method", "imh"), data.get("params")
+    if not isinstance(method, str) or method not in PARAMS or isinstance(params, CommonParams):
+        return data  # an unknown method gets its own error from the `method` field
+    try:
+        return {**data, "params": PARAMS[method].model_validate(params or {})}
+    except ValidationError as error:
+        problems = [
+            {"type": e["type"], "loc": ("params", *e["loc"]), "input": e["input"],
+             **({"ctx": e["ctx"]} if "ctx" in e else {})}
+            for e in error.errors(include_url=False)
+        ]  # fmt: skip
+        raise ValidationError.from_exception_data("SampleCreate", problems) from None
+
+
+def request_dict(body: BaseModel) -> dict[str, Any]:
+    """A request as JSON-ready data that validates back to an equal request."""
+    return body.model_dump(mode="json", exclude_none=True)
 
 
 class SampleStats(BaseModel):
@@ -147,41 +141,32 @@ class SampleStats(BaseModel):
     acceptance_rate: float
     seconds: float
     restarted: int = Field(description="chains that needed the restart round")
-    fallback: int = Field(description="drs rows with no accepted proposal (latest one returned)")
+    fallback: int = Field(
+        description="drs: rows that spent their proposal budget without an acceptance "
+        "(their output is no DRS sample; see warnings)"
+    )
     mode: str
     steps: int
     seed: int
     generator: str = Field(description="resolved name:version")
     discriminator: str | None
     calibration: str | None
+    r_hat: float | None = Field(
+        None, description="split R-hat of the chains' traced scalar after warm-up (null: "
+        "not a chain method, or too few steps)",
+    )  # fmt: skip
+    ess: float | None = Field(None, description="effective sample size of that trace")
+    trace: str | None = Field(
+        None, description="the scalar traced per chain: log target (latent methods) or "
+        "calibrated logit (imh); null for drs (i.i.d. trials), markov and none",
+    )  # fmt: skip
+    diagnostics_note: str | None = Field(None, description="why r_hat and ess are null")
+    warnings: list[str] = Field(
+        default_factory=list, description="what the answer does not deliver (chains that "
+        "did not mix, DRS rows out of budget)",
+    )  # fmt: skip
 
 
 class SamplePublic(BaseModel):
     samples: list[Any] = Field(description="n samples, each of the generator's sample_shape")
     stats: SampleStats
-
-
-class ModelPublic(BaseModel):
-    name: str
-    version: str
-    kind: str
-    format: str
-    description: str
-    source: str = Field(description="zoo (built in) or store (IMH_MODEL_STORE)")
-    latest: bool
-    calibrations: list[str] | None = None
-    manifest: dict[str, Any]
-
-
-class ModelsPublic(BaseModel):
-    models: list[ModelPublic]
-    load_errors: dict[str, str] = Field(description="model folders skipped at start, and why")
-
-
-class ModelVersionsPublic(BaseModel):
-    name: str
-    versions: list[ModelPublic]
-
-
-class Message(BaseModel):
-    detail: str

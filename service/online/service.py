@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from service.errors import EngineFailure, ModelNotFound, ServiceError, error_from
+from samplers.methods import TABLE
+from service.errors import EngineFailure, InvalidRequest, ModelNotFound, ServiceError, error_from
 from service.metrics import Metrics
 from service.models.registry import Registry
 from service.online.backend import Event
@@ -38,6 +39,12 @@ from service.online.plan import MethodPlan
 from service.online.resolve import Limits, Resolved, resolve
 from service.online.schemas import SampleCreate
 from service.settings import Settings
+
+# The scalar each method's chains are traced by for R-hat and ESS (absent: not a chain).
+TRACED = {
+    "imh": "calibrated logit", "pcn": "log target", "mala": "log target",
+    "isir": "log target", "ex2mcmc": "log target",
+}  # fmt: skip
 
 
 class SamplingService:
@@ -72,6 +79,7 @@ class SamplingService:
         samples = torch.cat([outcome.samples for outcome in outcomes])
         stats = self._stats(resolved, outcomes, len(samples), time.monotonic() - started)
         self._count(resolved, None, time.monotonic() - started)
+        _check_strict(resolved, stats)
         return samples, stats
 
     async def events(self, resolved: Resolved) -> tuple[str | None, AsyncIterator[Event]]:
@@ -124,8 +132,9 @@ class SamplingService:
                     yield "metrics", self._progress(block, emitted, started, fid), str(index)
             outcome = block.future.result()
             yield "metrics", self._progress(block, emitted, started, fid), str(index + 1)
-            seconds = time.monotonic() - started
-            yield "done", self._stats(resolved, [outcome], emitted, seconds), str(index + 2)
+            stats = self._stats(resolved, [outcome], emitted, time.monotonic() - started)
+            _check_strict(resolved, stats)
+            yield "done", stats, str(index + 2)
         except ServiceError as failure:
             error = failure
             yield "error", failure.wire(), str(index + 1)
@@ -146,7 +155,7 @@ class SamplingService:
             specs = [
                 BlockSpec(
                     resolved.chains, resolved.steps, generators, rows, resolved.options,
-                    stream=True, thin=params.thin, target=resolved.body.n,
+                    stream=True, thin=params.thin, target=resolved.body.n, trace=True,
                 )
             ]  # fmt: skip
         else:
@@ -157,7 +166,10 @@ class SamplingService:
                 generators, rows = seed_blocks(
                     resolved.seed, count, first // SEED_BLOCK_ROWS, device
                 )
-                specs.append(BlockSpec(count, resolved.steps, generators, rows, resolved.options))
+                specs.append(
+                    BlockSpec(count, resolved.steps, generators, rows, resolved.options,
+                              trace=first == 0)  # the first block's chains are traced
+                )  # fmt: skip
         plan = lambda: MethodPlan(resolved, self._pilots, device)  # noqa: E731
         loop = asyncio.get_running_loop()
         try:
@@ -181,6 +193,7 @@ class SamplingService:
         self, block: ChainBlock, emitted: int, started: float, fid: RunningFid | None
     ) -> dict:
         seconds = max(time.monotonic() - started, 1e-9)
+        diagnostics = block.diagnostics() or {}
         return {
             "samples": emitted,
             "proposals": block.proposals,
@@ -189,6 +202,9 @@ class SamplingService:
             "proposals_per_second": block.proposals / seconds,
             "fid": fid.value() if fid else None,
             "fid_samples": fid.count if fid else 0,
+            "r_hat": diagnostics.get("r_hat"),
+            "ess": diagnostics.get("ess"),
+            "warnings": diagnostics.get("warnings", []),
         }
 
     def _stats(
@@ -196,6 +212,18 @@ class SamplingService:
     ) -> dict[str, Any]:
         proposals = sum(o.proposals for o in outcomes)
         accepted = sum(o.accepted for o in outcomes)
+        fallback = sum(o.fallback for o in outcomes)
+        diagnostics = next((o.diagnostics for o in outcomes if o.diagnostics), None) or {}
+        warnings = list(diagnostics.get("warnings", []))
+        if fallback:
+            budget = TABLE[resolved.method].validate(resolved.options)["max_proposals_per_sample"]
+            warnings.append(
+                f"{fallback} of {n} samples are raw generator samples, not DRS samples: "
+                f"their rows spent the budget of {budget} proposals without an acceptance. "
+                "Raise params.max_proposals_per_sample, or send strict: true to fail instead."
+            )
+        if diagnostics.get("r_hat") is not None:
+            self.metrics.r_hat.labels(*self._labels(resolved)).observe(diagnostics["r_hat"])
         return {
             "method": resolved.method,
             "n": n,
@@ -204,13 +232,18 @@ class SamplingService:
             "acceptance_rate": accepted / max(proposals, 1),
             "seconds": seconds,
             "restarted": sum(o.restarted for o in outcomes),
-            "fallback": sum(o.fallback for o in outcomes),
+            "fallback": fallback,
             "mode": "stream" if resolved.stream else "final",
             "steps": resolved.steps,
             "seed": resolved.seed,
             "generator": resolved.generator.ref,
             "discriminator": resolved.discriminator.ref if resolved.discriminator else None,
             "calibration": resolved.calibration,
+            "r_hat": diagnostics.get("r_hat"),
+            "ess": diagnostics.get("ess"),
+            "trace": TRACED.get(resolved.method),
+            "diagnostics_note": diagnostics.get("reason"),
+            "warnings": warnings,
         }
 
     def _labels(self, resolved: Resolved) -> tuple[str, str]:
@@ -229,3 +262,9 @@ class SamplingService:
         self.metrics.sample_requests.labels(*labels, outcome).inc()
         if seconds is not None and outcome == "ok":
             self.metrics.sample_duration.labels(*labels).observe(seconds)
+
+
+def _check_strict(resolved: Resolved, stats: dict[str, Any]) -> None:
+    """A strict request fails rather than answer with warnings."""
+    if resolved.body.strict and stats["warnings"]:
+        raise InvalidRequest("strict: " + " ".join(stats["warnings"]), ("strict",))

@@ -37,6 +37,8 @@ async def readyz(state: StateDep) -> JSONResponse:
         "workers": health.workers,
     }
     reason = runtime.unavailable(need_worker=True)
+    if reason is None and not any(m.kind == "generator" for m in state.registry.all()):
+        reason = "no generator is loaded: upload one (POST /v1/models) or start with the zoo"
     if reason is not None:
         status_name = "loading" if not runtime.ready else "unavailable"
         return JSONResponse(

@@ -6,17 +6,17 @@ import json
 import logging
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api.deps import AdminDep, StateDep
+from service.api.schemas import ModelDeleted, ModelPublic, ModelsPublic, ModelVersionsPublic
 from service.models.loading import LoadedModel
 from service.models.registry import Registry
-from service.online.schemas import ModelPublic, ModelsPublic, ModelVersionsPublic
 
 log = logging.getLogger("imh.models")
 
@@ -142,24 +142,46 @@ async def upload_model(request: Request, state: StateDep, _admin: AdminDep) -> M
     finally:
         await form.close()
     await _announce(state, "install", model.name, model.version)
-    return public(model, state.registry)
+    answer = public(model, state.registry)
+    return answer.model_copy(update={"warnings": state.registry.missing_partners(model)})
 
 
 @router.delete(
     "/{name}/{version}",
-    response_model=ModelPublic,
-    summary="Unload a version (purge=true also deletes an uploaded model's files)",
-    responses={404: {"description": "no such model"}, 401: {}, 403: {}},
+    response_model=ModelDeleted,
+    summary="Delete a version: unload it and remove an uploaded model's files (admin token)",
+    responses={
+        401: {"description": "no bearer token"},
+        403: {"description": "wrong token, or no IMH_ADMIN_TOKEN configured"},
+        404: {"description": "no such model"},
+        409: {"description": "a built-in model, and IMH_ALLOW_ZOO_DELETE is off"},
+    },
 )
 async def delete_model(
-    name: str, version: str, state: StateDep, _admin: AdminDep, purge: bool = False
-) -> ModelPublic:
-    store = state.settings.model_store if purge else None
-    registry = state.registry
-    model = await run_in_threadpool(registry.remove, name, version, store)
+    name: str,
+    version: str,
+    state: StateDep,
+    _admin: AdminDep,
+    keep_files: Annotated[
+        bool, Query(description="only unload: the model is back at the next restart")
+    ] = False,
+) -> ModelDeleted:
+    registry, settings = state.registry, state.settings
+    store = None if keep_files else settings.model_store
+    model, removed = await run_in_threadpool(
+        registry.remove, name, version, store, settings.allow_zoo_delete
+    )
     await _announce(state, "remove", name, version)
-    result = public(model, registry)
-    return result.model_copy(update={"latest": False})
+    if not registry.versions(name):
+        state.metrics.forget_model(name)
+    detail = (
+        "unloaded and its files deleted: it is gone for good" if removed
+        else "unloaded until the next restart (its files were kept)"
+    )  # fmt: skip
+    return ModelDeleted(
+        name=model.name, version=model.version, kind=model.kind, source=model.source,
+        files_removed=removed, detail=detail,
+    )  # fmt: skip
 
 
 async def _announce(state: StateDep, op: str, name: str, version: str) -> None:

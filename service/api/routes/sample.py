@@ -7,22 +7,24 @@ import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from service.api import encoding
-from service.api.deps import SamplingDep
+from service.api.deps import SamplingDep, require_json
 from service.online.backend import Event
 from service.online.schemas import SampleCreate, SamplePublic
 
-router = APIRouter(prefix="/v1", tags=["sample"])
+router = APIRouter(prefix="/v1", tags=["sample"], dependencies=[Depends(require_json)])
 NDJSON = "application/x-ndjson"
 INLINE_ENCODE_VALUES = 20_000  # about a millisecond of JSON encoding
 DISCONNECT_POLL_S = 0.25  # how soon a gone client's chains are freed
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown generator or discriminator"},
+    413: {"description": "the body is larger than IMH_MAX_BODY_BYTES"},
+    415: {"description": "the body is not JSON"},
     422: {"description": "a field is out of range, of the wrong type, or unknown"},
     503: {"description": "the scheduler queue is full or models are loading (Retry-After)"},
 }
