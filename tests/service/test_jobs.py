@@ -23,7 +23,7 @@ def wait(client, job_id: str, timeout: float = 60.0) -> dict:
 
 def test_a_generate_job_runs_in_process_and_matches_its_seed(client):
     spec = {"type": "generate", "generator": "toy25", "method": "drs", "n": 5000, "seed": 7,
-            "params": {"gamma": 0.0}}  # fmt: skip
+            "params": {"gamma_percentile": 90}}  # fmt: skip
     created = client.post("/v1/jobs", json=spec)
     assert created.status_code == 201, created.text
     assert created.headers["Location"] == f"/v1/jobs/{created.json()['id']}"
