@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import secrets
 import shutil
 import statistics
@@ -45,7 +46,7 @@ import redis
 from redis import asyncio as aioredis
 
 from benchmarks.processes import free_port
-from benchmarks.report import machine, markdown_table, write_section
+from benchmarks.report import markdown_table, write_section
 from service.distributed.keys import GROUP, ONLINE, Keys
 
 COMMAND = ".venv/bin/python -m benchmarks.redis_capacity"
@@ -169,8 +170,7 @@ async def request_traffic(
     server: RedisServer, samples: int, bytes_per_sample: int, concurrent: int, seconds: float
 ) -> dict[str, float]:
     """Final-mode requests end to end through Redis, `concurrent` at a time for `seconds`."""
-    api = aioredis.Redis(port=server.port, max_connections=concurrent + 8)
-    worker = aioredis.Redis(port=server.port, max_connections=concurrent + 8)
+    api, worker = aioredis.Redis(port=server.port), aioredis.Redis(port=server.port)
     work = KEYS.work(ONLINE)
     await api.delete(work)
     await api.xgroup_create(work, GROUP, id="0", mkstream=True)
@@ -179,8 +179,16 @@ async def request_traffic(
     stop, stop_worker = asyncio.Event(), asyncio.Event()
     done = 0
     handlers: set[asyncio.Task] = set()
+    failures: list[BaseException] = []
 
     async def handle(message_id: bytes, fields: dict) -> None:  # the worker's side
+        try:
+            await handle_one(message_id, fields)
+        except Exception as error:  # noqa: BLE001 - end the run, report it below
+            failures.append(error)
+            stop.set()
+
+    async def handle_one(message_id: bytes, fields: dict) -> None:
         request_id = fields[b"id"].decode()
         key = KEYS.request(request_id)
         await worker.exists(KEYS.lease(request_id))
@@ -212,7 +220,7 @@ async def request_traffic(
                 pipe.xadd(work, {**WORK_FIELDS, "id": request_id})
                 await pipe.execute()
             after, finished = "0", False
-            while not finished:
+            while not finished and not failures:
                 reply = await api.xread({key: after}, count=64, block=1000)
                 for _, entries in reply or []:
                     for event_id, fields in entries:
@@ -231,6 +239,8 @@ async def request_traffic(
     await asyncio.gather(*clients)
     stop_worker.set()
     await asyncio.gather(consumer, *handlers)
+    if failures:
+        raise failures[0]
     xlen = await api.xlen(work)
     work_bytes = await api.memory_usage(work, samples=0)
     request_key = KEYS.request(secrets.token_hex(12))  # one request stream, for its memory
@@ -330,10 +340,11 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     text = "\n\n".join([
         "## Redis capacity: the service's traffic on one Redis server",
-        f"Command: `{COMMAND}` (one run, about 2 minutes). Machine: {machine()}, "
+        f"Command: `{COMMAND}` (one run, about 2 minutes). Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores shared with other work; redis-server {version} on the "
         "same machine (loopback), append-only file fsynced every second as deployed; the "
-        "clients are redis-py's asyncio client (the service's) unless named.",
+        f"clients are redis-py {redis.__version__}'s asyncio client (the service's) unless "
+        "named.",
         "(a) Round trip, one connection, one command at a time (microseconds):",
         markdown_table(["command", "median us", "p99 us"], rtt_rows),
         "(b) Raw command rate, redis-benchmark (C client, 50 connections):",
