@@ -9,17 +9,19 @@ current epoch's order and the running totals, so an interrupted run ends with th
 network as one that never stopped; a worker killed mid-training loses at most the steps
 since its last checkpoint.
 
-Checkpoint format (`Checkpoint.save(folder)` / `Checkpoint.load(folder)`):
+Checkpoint format: one safetensors file (`Checkpoint.to_bytes()`, or `save(folder)`
+writing `folder/checkpoint.safetensors` atomically), so tensors and position never part:
 
-    checkpoint.safetensors   "model.<key>"         the SBP network's state dict
-                             "optimizer.<i>.<name>" Adam state of parameter i (step,
-                                                   exp_avg, exp_avg_sq)
-                             "rng.noise"           the noise generator's state (uint8)
-                             "rng.shuffle"         the shuffling generator's state (uint8)
-                             "order"               the current epoch's permutation (int64)
-    checkpoint.json          {"format": 1, "step", "epoch", "batch" (next batch of the
-                              epoch), "steps", "settings", "fingerprint", "history",
-                              "totals"}
+    tensors   "model.<key>"          the SBP network's state dict
+              "optimizer.<i>.<name>" Adam state of parameter i (step, exp_avg, exp_avg_sq)
+              "rng.noise"            the noise generator's state (uint8)
+              "rng.shuffle"          the shuffling generator's state (uint8)
+              "order"                the current epoch's permutation (int64)
+    metadata  "meta": JSON {"format": 1, "step", "epoch", "batch" (next batch of the
+              epoch), "steps", "settings", "fingerprint", "history", "totals"}
+
+`Checkpoint.tensors` and `Checkpoint.meta` (JSON-able) are the same two parts, for a
+caller that stores them its own way.
 
 The fingerprint (of the data, the settings and the starting network) is compared on
 resume, so a checkpoint never continues a different job.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,14 +40,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 from classifiers.job_common import JobCancelled, Progress, ShouldStop
 from classifiers.sbp import kl_divergence, sbp_layers
 
 CHECKPOINT_FORMAT = 1
-TENSORS_FILE, META_FILE = "checkpoint.safetensors", "checkpoint.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
@@ -73,24 +76,32 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def save(self, folder: str | Path) -> None:
-        """Write both files, each first to a temporary name then renamed, tensors first:
-        a crash mid-save leaves the previous checkpoint's JSON pointing at whole files."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def to_bytes(self) -> bytes:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        save_file(tensors, str(folder / (TENSORS_FILE + ".tmp")))
-        os.replace(folder / (TENSORS_FILE + ".tmp"), folder / TENSORS_FILE)
-        (folder / (META_FILE + ".tmp")).write_text(json.dumps(self.meta))
-        os.replace(folder / (META_FILE + ".tmp"), folder / META_FILE)
+        return save(tensors, metadata={"meta": json.dumps(self.meta)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {meta.get('format')} is not {CHECKPOINT_FORMAT}")
+        return cls(load(data), meta)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write folder/checkpoint.safetensors (a temporary file renamed: a crash mid-save
+        leaves the previous checkpoint whole); returns its path."""
+        path = Path(folder) / CHECKPOINT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(CHECKPOINT_FILE + ".tmp")
+        temporary.write_bytes(self.to_bytes())
+        os.replace(temporary, path)
+        return path
 
     @classmethod
     def load(cls, folder: str | Path) -> Checkpoint:
-        folder = Path(folder)
-        meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {meta.get('format')} is not {CHECKPOINT_FORMAT}")
-        return cls(load_file(str(folder / TENSORS_FILE)), meta)
+        return cls.from_bytes((Path(folder) / CHECKPOINT_FILE).read_bytes())
 
 
 def _optimizer(model: nn.Module, settings: PruneSettings) -> torch.optim.Adam:

@@ -133,5 +133,7 @@ def test_a_checkpoint_of_another_job_is_refused(tmp_path):
     with pytest.raises(ValueError, match="another job"):
         run_sbp_prune(program, DIGITS_SPEC, data, held_out, other, resume=checkpoint,
                       measure_speed=False)  # fmt: skip
-    assert json.loads(json.dumps(checkpoint.meta))["format"] == 1
     assert {"rng.noise", "rng.shuffle", "order"} <= set(checkpoint.tensors)
+    copied = Checkpoint.from_bytes(checkpoint.to_bytes())  # one safetensors file
+    assert copied.meta == json.loads(json.dumps(checkpoint.meta))
+    assert all(torch.equal(copied.tensors[k], v) for k, v in checkpoint.tensors.items())
