@@ -32,7 +32,8 @@ outputs, inputs that are not 2-D or 4-D, a value used by two operations (branche
 residual additions, concatenations), an operation outside the list above, programs
 exported in training mode (batch statistics, buffer updates, active dropout), a final
 softmax (the service reads outputs as logits), and any program the rebuilt network does
-not reproduce.
+not reproduce. Residual networks are not lifted (their blocks would need SBP masks shared
+across the joined channels). The handlers per operation live in classifiers.lift_ops.
 
 Example:
     program = torch.export.load("classifier.pt2")
