@@ -43,9 +43,8 @@ SHUTDOWN_MARGIN_S = 10.0  # uvicorn's HTTP shutdown (5 s) before the drain, clos
 # The redis-streams scaler's parameters (keda.sh/docs/latest/scalers/redis-streams).
 REDIS_STREAMS_PARAMETERS = {
     "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
-    "username", "usernameFromEnv", "password", "passwordFromEnv", "stream", "consumerGroup",
-    "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
-    "activationPendingEntriesCount", "activationStreamLength", "databaseIndex", "enableTLS",
+    "usernameFromEnv", "passwordFromEnv", "stream", "consumerGroup", "pendingEntriesCount",
+    "streamLength", "lagCount", "activationLagCount", "databaseIndex", "enableTLS",
     "unsafeSsl",
 }  # fmt: skip
 PROBES = {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}

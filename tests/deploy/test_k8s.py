@@ -42,13 +42,14 @@ def objects(target: str) -> list[dict]:
     return copy.deepcopy(list(rendered(target)))
 
 
-def external_redis(tmp_path: Path) -> list[dict]:
-    """The base with components/external-redis, as a user's overlay would combine them."""
-    base = os.path.relpath(K8S / "base", tmp_path)
-    component = os.path.relpath(K8S / "components" / "external-redis", tmp_path)
-    (tmp_path / "kustomization.yaml").write_text(
-        yaml.safe_dump({"resources": [base], "components": [component]})
-    )
+def user_overlay(tmp_path: Path, resource: str, **fields) -> list[dict]:
+    """A user's overlay of deploy/k8s/<resource>, with more kustomization fields."""
+    kustomization = {"resources": [os.path.relpath(K8S / resource, tmp_path)], **fields}
+    if "components" in kustomization:
+        kustomization["components"] = [
+            os.path.relpath(K8S / c, tmp_path) for c in kustomization["components"]
+        ]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return render(tmp_path)
 
 
@@ -81,10 +82,16 @@ def test_validates_against_kubernetes_and_keda_schemas(target):
 
 
 def test_external_redis_component_replaces_the_in_cluster_redis(tmp_path):
-    objs = external_redis(tmp_path)
+    objs = user_overlay(tmp_path, "base", components=["components/external-redis"])
     assert not [o for o in objs if o["kind"] == "StatefulSet"]
     assert "imh-redis" not in [o["metadata"]["name"] for o in objs if o["kind"] == "Service"]
     assert problems(objs) == []
+
+
+def test_another_namespace_needs_the_names_that_depend_on_it(tmp_path):
+    found = problems(user_overlay(tmp_path, "overlays/cpu", namespace="other"))
+    assert any("IMH_ALLOWED_HOSTS lacks imh-api.other" in problem for problem in found), found
+    assert any("watches Redis at imh-redis.imh.svc:6379" in problem for problem in found), found
 
 
 def test_keda_crd_is_a_valid_custom_resource_definition():
@@ -326,8 +333,7 @@ def test_crd_schema_conversion_refuses_unknown_fields_and_keeps_open_maps():
             "s": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
                   "properties": {"c": {"type": "string", "nullable": True}}},
         }}}}]}}  # fmt: skip
-    import jsonschema
-
+    jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(k8s.crd_json_schema(crd, "v1"))
     assert validator.is_valid(
         {"a": {"b": 1}, "m": {"x": "y"}, "q": "1Gi", "s": {"z": 1, "c": None}}
