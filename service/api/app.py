@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.api.deps import AppState
 from service.api.errors import install_handlers
 from service.api.middleware import BodyLimits, HostGuard, HttpMetrics, OriginGuard
+from service.api.openapi import install_openapi
 from service.api.routes import classifiers, health, jobs, models, sample
 from service.batch.service import JobService
 from service.classifiers.service import ClassifierService
@@ -69,4 +70,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, sample.router, jobs.router, classifiers.router):
         app.include_router(router)
     install_handlers(app)
+    install_openapi(app)
     return app

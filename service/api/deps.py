@@ -95,9 +95,10 @@ async def require_admin(
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-async def require_json(content_type: Annotated[str | None, Header()] = None) -> None:
+async def require_json(request: Request) -> None:
     """JSON routes answer a clear 415 for other bodies (a form post, say)."""
-    media = (content_type or "application/json").split(";")[0].strip().lower()
+    content_type = request.headers.get("content-type") or "application/json"
+    media = content_type.split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,

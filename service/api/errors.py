@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.errors import (
     BadModelFile,
@@ -52,6 +54,24 @@ def status_of(error: ServiceError) -> int:
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(405, _method_not_allowed)
+
+
+async def _method_not_allowed(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """405 with an Allow header that lists every method of the path (Starlette names only
+    the first route's)."""
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        methods = getattr(route, "methods", None)
+        if match != Match.NONE and methods:
+            allowed |= set(methods)
+    allowed.discard("HEAD") if "GET" not in allowed else None
+    allow = ", ".join(sorted(allowed))
+    return JSONResponse(
+        {"detail": f"{request.method} is not allowed here; use {allow}"}, 405,
+        headers={"Allow": allow},
+    )  # fmt: skip
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -77,7 +77,8 @@ class RedisArrays:
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 key = self._key(job_id, name)
-                pipe.delete(key) if name.startswith("in:") else pipe.expire(key, ttl_s)
+                gone_now = name.startswith("in:") or ttl_s <= 0
+                pipe.delete(key) if gone_now else pipe.expire(key, ttl_s)
             await pipe.execute()
 
 
@@ -121,7 +122,7 @@ class FileArrays:
 
     async def forget(self, job_id: str, names: Iterable[str], ttl_s: int) -> None:
         for name in names:
-            if name.startswith("in:"):
+            if name.startswith("in:") or ttl_s <= 0:
                 self._path(job_id, name).unlink(missing_ok=True)
         await self.sweep()
 

@@ -148,9 +148,10 @@ class JobService:
         owner = None if access.admin else access.owner
         return await self.store.list(limit, state, owner)
 
-    async def cancel(self, job_id: str, access: JobAccess) -> dict[str, Any]:
+    async def delete(self, job_id: str, access: JobAccess) -> dict[str, Any]:
+        """Cancel the job if it runs, and forget it; returns it as it ended."""
         await self.get(job_id, access)
-        job = await self.store.cancel(job_id)
+        job = await self.store.delete(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id!r} (unknown, or expired)")
         return job
@@ -161,14 +162,12 @@ class JobService:
             raise JobConflict(
                 f"job {job_id} is {job['state']}; its result exists once it has succeeded"
             )
-        if array is not None:
-            allowed = FILTER_ARRAYS if job["type"] == "filter" else ("samples",)
-            if array not in allowed:
-                raise InvalidRequest(
-                    f"a {job['type']} job's result has arrays {list(allowed)}", ("array",)
-                )
-            if job["type"] == "generate":
-                array = None
+        if job["type"] == "generate":
+            array = None  # one array: its samples
+        elif array is not None and array not in FILTER_ARRAYS:
+            raise InvalidRequest(
+                f"a filter job's result has arrays {list(FILTER_ARRAYS)}", ("array",)
+            )
         return await self.store.result(job, array, safetensors)
 
     async def update_gauges(self) -> None:

@@ -38,6 +38,7 @@ from service.distributed.keys import JOBS
 SAMPLES = "samples"
 FILTER_ARRAYS = ("indices", "scores", "log_ratio", "final")  # the first is the default
 _HASH_INTS = ("shards", "items", "proposals", "accepted")
+FOLLOWERS_S = 60  # a deleted job's events stay this long for clients following them
 
 
 class JobStore:
@@ -126,10 +127,23 @@ class JobStore:
             counts[job_type, state] = counts.get((job_type, state), 0) + 1
         return counts
 
-    async def cancel(self, job_id: str) -> dict[str, Any] | None:
-        """Cancel unless finished; returns the job as it now is (None: no such job)."""
+    async def delete(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel the job if it still runs, then forget it and its arrays; returns the job
+        as it ended (None: no such job). Its event stream lingers a minute, so a client
+        following it reads the final `state` event."""
         await self._end(job_id, "cancelled", None, only_if=("queued", "running"))
-        return await self.get(job_id)
+        job = await self.get(job_id)
+        if job is None:
+            return None
+        keys = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.job(job_id), keys.job_done(job_id))
+            pipe.zrem(keys.jobs, job_id)
+            pipe.hdel(keys.job_states, job_id)
+            pipe.expire(keys.job_events(job_id), FOLLOWERS_S)
+            await pipe.execute()
+        await self._forget_arrays(job_id, job["counts"]["shards"], ttl_s=0)
+        return job
 
     async def events(self, job_id: str, after: str = "0") -> AsyncIterator[tuple[str, str, dict]]:
         """(event id, name, data) after `after`, until the job's last event."""
@@ -257,7 +271,7 @@ class JobStore:
 
         outcome, last = await self._transact([job_key, done_key], body)
         if outcome == "done" and last:
-            await self._forget_arrays(job_id)
+            await self._forget_arrays(job_id, await self._shards(job_id))
         return outcome, last
 
     async def finish_filter(
@@ -278,7 +292,7 @@ class JobStore:
             return True, True
 
         ended = await self._transact([job_key], body)
-        await self._forget_arrays(job_id)
+        await self._forget_arrays(job_id, await self._shards(job_id))
         return ended
 
     async def fail(self, job_id: str, error: str) -> None:
@@ -298,7 +312,7 @@ class JobStore:
             return True, True
 
         if await self._transact([job_key], body):
-            await self._forget_arrays(job_id)
+            await self._forget_arrays(job_id, await self._shards(job_id))
 
     def _finish(self, pipe, job_id: str, job_type: str, state: str, error: str | None) -> None:
         """Queue the commands that end a job: state, event, expiry."""
@@ -310,12 +324,16 @@ class JobStore:
         for key in (keys.job(job_id), keys.job_events(job_id), keys.job_done(job_id)):
             pipe.expire(key, self.ttl)
 
-    async def _forget_arrays(self, job_id: str) -> None:
-        """An ended job's inputs go now; its outputs and results expire with it."""
+    async def _shards(self, job_id: str) -> int:
         shards = await self.redis.hget(self.keys.job(job_id), "shards")
-        count = int(shards) if shards is not None else 0
-        names = [f"{part}:{k}" for part in ("in", "out") for k in range(count)]
-        await self.arrays.forget(job_id, names + [f"result:{n}" for n in FILTER_ARRAYS], self.ttl)
+        return int(shards) if shards is not None else 0
+
+    async def _forget_arrays(self, job_id: str, shards: int, ttl_s: int | None = None) -> None:
+        """An ended job's inputs go now; its outputs and results expire with it (after
+        `ttl_s`, default the job's time to live; 0: now)."""
+        names = [f"{part}:{k}" for part in ("in", "out") for k in range(shards)]
+        names += [f"result:{name}" for name in FILTER_ARRAYS]
+        await self.arrays.forget(job_id, names, self.ttl if ttl_s is None else ttl_s)
 
     def _set_state(self, pipe, job_id: str, job_type: str, state: str, **extra: Any) -> None:
         pipe.hset(self.keys.job(job_id), mapping={"state": state, **extra})

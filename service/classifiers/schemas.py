@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ClassifyCreate(BaseModel):

@@ -27,7 +27,8 @@ from pydantic import (
 from samplers.methods import METHODS, TABLE
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
-REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+# Strict: JSON's types as they are (false is no 0, "3" no 3).
+REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 MODEL_REF = Field(min_length=1, max_length=201, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 

@@ -44,12 +44,17 @@ def cluster_env(redis_url: str, **extra: str) -> dict[str, str]:
 
 
 class Cluster:
-    def __init__(self, env: dict[str, str], tmp_path):
+    def __init__(self, env: dict[str, str], tmp_path, empty: bool = False):
         self.env, self.tmp = env, tmp_path
         self.workers: list[Server] = []
         self.worker()  # the API is ready only once a worker is alive: start one first
-        self.api = start_server(env, tmp_path / "api.log")
+        # Without models the API never turns ready: wait until it says that is why.
+        self.api = start_server(env, tmp_path / "api.log", wait_ready=not empty)
         self.client = httpx.Client(base_url=self.api.url, timeout=60.0, headers=JOB_OWNER)
+        deadline = time.monotonic() + 60
+        while empty and "no generator" not in self.client.get("/readyz").text:
+            assert time.monotonic() < deadline, self.client.get("/readyz").text
+            time.sleep(0.1)
 
     def worker(self) -> Server:
         log = self.tmp / f"worker-{len(self.workers)}.log"
@@ -279,7 +284,7 @@ def test_an_uploaded_model_reaches_the_workers_that_share_the_store(redis_url, t
     token = "a-long-enough-admin-token"
     env = cluster_env(redis_url, IMH_MODEL_STORE=str(tmp_path / "store"), IMH_ZOO="0",
                       IMH_ADMIN_TOKEN=token)  # fmt: skip
-    small = Cluster(env, tmp_path)
+    small = Cluster(env, tmp_path, empty=True)
     try:
         admin = {"authorization": f"Bearer {token}"}
         generator = program_bytes(seeded(MLP, [2, 8, 2], (2,)), torch.randn(4, 2))
@@ -297,6 +302,7 @@ def test_an_uploaded_model_reaches_the_workers_that_share_the_store(redis_url, t
             time.sleep(0.1)
         assert answer.status_code == 200, answer.text
         assert answer.json()["stats"]["generator"] == "mygan:1"
+        assert small.client.get("/readyz").status_code == 200  # a generator now exists
         removed = small.client.delete("/v1/models/mygan-d/1", headers=admin)
         assert removed.status_code == 200
         gone = small.client.post("/v1/sample", json=body)  # the API no longer knows it

@@ -121,7 +121,7 @@ def test_cancelling_a_job_stops_its_running_shard(broker):
         task = asyncio.create_task(worker.run())
         try:
             await until(lambda: _async(runner.calls == 1))
-            job = await store.cancel(job_id)
+            job = await store.delete(job_id)
             assert job["state"] == "cancelled"
             await until(lambda: _async(not worker.running), timeout=5)
             pending = await b.redis.xpending(b.keys.work(JOBS), "workers")

@@ -55,6 +55,7 @@ FIT_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["inputs"],
+                    "additionalProperties": False,
                     "properties": {
                         "inputs": {
                             "type": "string",
@@ -120,8 +121,10 @@ async def predict(
     name: str,
     request: Request,
     service: ClassifiersDep,
-    samples: Annotated[int | None, Query(ge=1, description="npy bodies: K")] = None,
-    seed: Annotated[int | None, Query(ge=0, lt=2**63, description="npy bodies")] = None,
+    samples: Annotated[int | None, Query(ge=1, description="K (a JSON body's own wins)")] = None,
+    seed: Annotated[
+        int | None, Query(ge=0, lt=2**63, description="seed (a JSON body's own wins)")
+    ] = None,
 ) -> Response:
     data = await _read_body(request, MAX_PREDICT_BODY_BYTES)
     media_type = _media_type(request.headers.get("content-type"))
@@ -129,15 +132,12 @@ async def predict(
         where = "query"
         inputs = await _off_loop(len(data), _npy_inputs, data)
     elif media_type == "application/json":
-        if samples is not None or seed is not None:
-            raise _validation_error(
-                "query",
-                ("samples" if samples is not None else "seed",),
-                "with a JSON body, give samples and seed in the body",
-            )
         where = "body"
         body = await _off_loop(len(data), _parse_json, data)
-        inputs, samples, seed = body.inputs, body.samples, body.seed
+        # Options in the body win; the query fills in what the body leaves out.
+        inputs = body.inputs
+        samples = body.samples if body.samples is not None else samples
+        seed = body.seed if body.seed is not None else seed
     else:
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
@@ -158,10 +158,11 @@ async def predict(
     "/{name}/sbn-fit",
     response_model=ClassifierPublic,
     status_code=status.HTTP_201_CREATED,
-    summary="Fit SBN statistics for a BatchNorm classifier and store it as a new model "
-    "(admin token; synchronous until jobs exist)",
+    summary="Fit SBN statistics for a built-in BatchNorm classifier and store it as a new "
+    "model, synchronously (admin token; for uploaded classifiers use an sbn-fit job)",
     openapi_extra=FIT_BODY,
     responses={
+        400: {"description": "a multipart form that cannot be parsed"},
         401: {"description": "no bearer token"},
         403: {"description": "wrong token, or no IMH_ADMIN_TOKEN configured"},
         404: {"description": "no such classifier"},

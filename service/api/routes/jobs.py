@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -37,17 +37,21 @@ from service.errors import InvalidRequest
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$", description="the id POST returned")]
 TokenHeader = Annotated[
-    str | None,
-    Header(alias="X-IMH-Job-Token", min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$",
+    str,
+    Header(alias="X-IMH-Job-Token", max_length=256,
            description="the job's token (POST: choose your own, else one is made)"),
 ]  # fmt: skip
+LastEventId = Annotated[
+    str, Header(pattern=r"^(\d+-\d+)?$", description="resume after this event id")
+]
 SAFETENSORS = "application/x-safetensors"
 _JOB = TypeAdapter(JobCreate)
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["job", "candidates"],
+    "additionalProperties": False,
     "properties": {
-        "job": {"type": "string", "description": "the filter job as JSON (FilterJobCreate)"},
+        "job": {"$ref": "#/components/schemas/FilterJobCreate"},
         "candidates": {"type": "string", "format": "binary", "description": ".npy or .safetensors"},
     },
 }
@@ -56,7 +60,10 @@ _BODY = {
         "required": True,
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/GenerateJobCreate"}},
-            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "multipart/form-data": {
+                "schema": _MULTIPART_SCHEMA,
+                "encoding": {"job": {"contentType": "application/json"}},
+            },
         },
     }
 }
@@ -70,10 +77,10 @@ _NEED_TOKEN = {
 
 async def job_access(
     state: StateDep,
-    token: TokenHeader = None,
+    token: TokenHeader = "",
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> JobAccess:
-    return JobAccess(token, is_admin(state.settings, authorization))
+    return JobAccess(token or None, is_admin(state.settings, authorization))
 
 
 AccessDep = Annotated[JobAccess, Depends(job_access)]
@@ -86,6 +93,7 @@ AccessDep = Annotated[JobAccess, Depends(job_access)]
     summary="Submit a generate job (JSON) or a filter job (multipart upload)",
     openapi_extra=_BODY,
     responses={
+        400: {"description": "a multipart form that cannot be parsed (or has extra parts)"},
         404: {"description": "unknown generator or discriminator"},
         413: {"description": "the body is larger than IMH_MAX_BODY_BYTES (JSON) or "
               "IMH_MAX_UPLOAD_BYTES (multipart)"},
@@ -156,14 +164,12 @@ async def get_job(job_id: JobId, jobs: JobsDep, access: AccessDep) -> dict[str, 
 @router.delete(
     "/{job_id}",
     response_model=JobPublic,
-    summary="Cancel a job (its running shards stop within a second)",
-    responses={**_NEED_TOKEN, 409: {"description": "the job has already succeeded or failed"}},
+    summary="Delete a job: cancel it if it still runs (its shards stop within a second), "
+    "then forget it and its result",
+    responses=_NEED_TOKEN,
 )
-async def cancel_job(job_id: JobId, jobs: JobsDep, access: AccessDep) -> dict[str, Any]:
-    job = await jobs.cancel(job_id, access)
-    if job["state"] in ("succeeded", "failed"):
-        raise HTTPException(409, f"job {job_id} has already {job['state']}")
-    return _public(job)
+async def delete_job(job_id: JobId, jobs: JobsDep, access: AccessDep) -> dict[str, Any]:
+    return _public(await jobs.delete(job_id, access))
 
 
 @router.get(
@@ -176,7 +182,7 @@ async def job_events(
     job_id: JobId,
     jobs: JobsDep,
     access: AccessDep,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+    last_event_id: LastEventId = "",
 ) -> StreamingResponse:
     await jobs.get(job_id, access)  # 403/404 before the stream starts
 
@@ -209,7 +215,13 @@ async def job_result(
     job_id: JobId,
     jobs: JobsDep,
     access: AccessDep,
-    array: Annotated[str | None, Query(description="filter jobs: which array as .npy")] = None,
+    array: Annotated[
+        Literal["indices", "scores", "log_ratio", "final", "samples"] | None,
+        Query(
+            description="which array as .npy: a filter job's indices (default), scores, "
+            "log_ratio or final; a generate job has only its samples"
+        ),
+    ] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     as_safetensors = SAFETENSORS in (accept or "")

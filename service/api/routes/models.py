@@ -32,6 +32,7 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["name", "manifest"],
+                    "additionalProperties": False,
                     "properties": {
                         "name": {"type": "string", "description": "model name"},
                         "version": {"type": "string", "description": "default: next integer"},

@@ -17,11 +17,13 @@ from service.api.deps import SamplingDep, require_json
 from service.online.backend import Event
 from service.online.schemas import SampleCreate, SamplePublic
 
-router = APIRouter(prefix="/v1", tags=["sample"], dependencies=[Depends(require_json)])
+router = APIRouter(prefix="/v1", tags=["sample"])
+JSON_BODY = [Depends(require_json)]
 NDJSON = "application/x-ndjson"
 INLINE_ENCODE_VALUES = 20_000  # about a millisecond of JSON encoding
 DISCONNECT_POLL_S = 0.25  # how soon a gone client's chains are freed
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not well-formed JSON"},
     404: {"description": "unknown generator or discriminator"},
     413: {"description": "the body is larger than IMH_MAX_BODY_BYTES"},
     415: {"description": "the body is not JSON"},
@@ -32,6 +34,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post(
     "/sample",
+    dependencies=JSON_BODY,
     response_model=SamplePublic,
     summary="Draw n samples with a post-processing method",
     responses={
@@ -93,6 +96,7 @@ class EventStreamResponse(StreamingResponse):
 
 @router.post(
     "/sample/stream",
+    dependencies=JSON_BODY,
     summary="Stream newly accepted samples, live metrics and final stats",
     response_class=EventStreamResponse,
     responses={
@@ -127,7 +131,9 @@ async def sample_stream(
 async def resume_stream(
     request_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$")],
     service: SamplingDep,
-    last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None,
+    last_event_id: Annotated[
+        str, Header(pattern=r"^(\d+-\d+)?$", description="resume after this event id")
+    ] = "",
     accept: Annotated[str | None, Header()] = None,
 ) -> EventStreamResponse:
     events = await service.resume(request_id, last_event_id or "0")
