@@ -20,7 +20,7 @@ from service.api.deps import AppState
 from service.api.errors import install_handlers
 from service.api.middleware import BodyLimits, HostGuard, HttpMetrics, OriginGuard
 from service.api.openapi import install_openapi
-from service.api.routes import classifiers, health, jobs, models, sample
+from service.api.routes import classifiers, health, jobs, methods, models, sample
 from service.batch.service import JobService
 from service.classifiers.service import ClassifierService
 from service.runtime import Runtime
@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
     app.add_middleware(HostGuard, allowed_hosts=settings.host_names)
     app.add_middleware(HttpMetrics, metrics=runtime.metrics)
-    for router in (health.router, models.router, sample.router, jobs.router, classifiers.router):
+    routers = (health, models, methods, sample, jobs, classifiers)
+    for router in (module.router for module in routers):
         app.include_router(router)
     install_handlers(app)
     install_openapi(app)

@@ -35,13 +35,20 @@ def npy_bytes(samples: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def png_bytes(samples: torch.Tensor, value_range: tuple[float, float] | None) -> bytes:
-    """A near-square grid of (N, C, H, W) images (C = 1 or 3), one pixel gap."""
+def png_bytes(
+    samples: torch.Tensor,
+    value_range: tuple[float, float] | None,
+    scale: int = 4,
+    columns: int | None = None,
+) -> bytes:
+    """A grid of (N, C, H, W) images (C = 1 or 3), one pixel gap, each pixel drawn as a
+    scale x scale block (nearest neighbour, so pixels stay sharp); near-square unless
+    `columns` is given."""
     images = samples.float()
     low, high = value_range or (float(images.min()), float(images.max()))
     images = ((images - low) / max(high - low, 1e-12)).clamp(0, 1)
     count, channels, height, width = images.shape
-    columns = math.ceil(math.sqrt(count))
+    columns = min(columns or math.ceil(math.sqrt(count)), count)
     rows = math.ceil(count / columns)
     grid = torch.ones(channels, rows * (height + 1) + 1, columns * (width + 1) + 1)
     for index in range(count):
@@ -49,6 +56,8 @@ def png_bytes(samples: torch.Tensor, value_range: tuple[float, float] | None) ->
         grid[:, top : top + height, left : left + width] = images[index]
     pixels = (grid * 255).round().byte().permute(1, 2, 0).numpy()  # (H, W, C)
     image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -66,7 +66,10 @@ def test_npy_and_png_formats(client):
     assert json.loads(npy.headers["X-IMH-Stats"])["n"] == 7
     png = sample(client, generator="img", method="imh", n=9, steps=2, seed=0, format="png")
     assert png.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(png.content)).size == (3 * 9 + 1, 3 * 9 + 1)
+    assert Image.open(io.BytesIO(png.content)).size == (4 * (3 * 9 + 1), 4 * (3 * 9 + 1))
+    wide = sample(client, generator="img", method="imh", n=9, steps=2, seed=0, format="png",
+                  png={"scale": 2, "columns": 9})  # fmt: skip
+    assert Image.open(io.BytesIO(wide.content)).size == (2 * (9 * 9 + 1), 2 * (8 + 2))
 
 
 def test_png_is_refused_for_a_model_that_makes_no_images(client):

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from service.api import encoding
 from service.api.deps import SamplingDep, require_json
 from service.online.backend import Event
-from service.online.schemas import SampleCreate, SamplePublic
+from service.online.schemas import PngOptions, SampleCreate, SamplePublic
 
 router = APIRouter(prefix="/v1", tags=["sample"])
 JSON_BODY = [Depends(require_json)]
@@ -57,7 +57,10 @@ async def sample(body: SampleCreate, service: SamplingDep, request: Request) -> 
         content = await _encode(samples.numel(), encoding.npy_bytes, samples)
         return Response(content, media_type="application/x-npy", headers=headers)
     value_range = resolved.generator.manifest.value_range
-    content = await run_in_threadpool(encoding.png_bytes, samples, value_range)
+    png = body.png or PngOptions()
+    content = await run_in_threadpool(
+        encoding.png_bytes, samples, value_range, png.scale, png.columns
+    )
     return Response(content, media_type="image/png", headers=headers)
 
 
