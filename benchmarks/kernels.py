@@ -1,13 +1,23 @@
-"""Kernel overhead: one sampler step against the plain G+D forward it is built on.
+"""Kernel overhead: one sampler step against the plain model work it is built on.
 
 Run:  .venv/bin/python -m benchmarks.kernels
 
 A step of `imh` costs one generator and one discriminator forward plus bookkeeping
 (uniform draws, the accept test, row selects). The goal is bookkeeping under 10%: one
-step at batch 1024 within 1.1x of `D(G(z))` with z ~ N(0, I) on the same batch. Both
-are timed interleaved in one run and each reports its best block (the least disturbed
-by the machine's background load, which only ever adds time), so the ratio compares
-like with like.
+step at batch 1024 within 1.1x of `D(G(z))` with z ~ N(0, I) on the same batch. Each
+step is compared with the model work it cannot avoid:
+
+- imh, drs, pcn: one G+D forward of the B = batch rows;
+- mala: one G+D forward and backward (gradient with respect to z) of B rows;
+- isir: B = batch / (N - 1) chains with N particles against one G+D forward of the
+  B x (N - 1) new particles (the current one is cached): the same rows as the others;
+- ex2mcmc: the same B chains, against that forward plus mala_steps + 1 forward-backward
+  passes of B rows (the +1 is the gradient at the i-SIR pick, which the step takes only
+  for the rows that moved, so the step can come in under its baseline).
+
+Everything is timed interleaved in one run and each reports its best block (the least
+disturbed by the machine's background load, which only ever adds time), so the ratio
+compares like with like.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import torch
 
 from benchmarks.report import machine, markdown_table, write_section
 from discriminators.architectures import ConvDiscriminator, MLPDiscriminator
-from samplers import Noise, drs, imh, pcn, proposals
+from samplers import Noise, drs, ex2mcmc, imh, isir, mala, pcn, proposals
 
 COMMAND = "OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.kernels"
 
@@ -54,42 +64,93 @@ def measure(name: str, batch: int, blocks: int, calls: int) -> list[list[object]
     generator, discriminator, latent_dim = models(name)
     propose = proposals.independent(generator, latent_dim)
     noise = Noise.seeded(0, batch)
+    particles, mala_steps = isir.PARTICLES, ex2mcmc.MALA_STEPS
+    chains = batch // (particles - 1)  # isir evaluates chains x (N - 1) new rows per step
+    chain_noise = Noise.seeded(0, chains)
 
     @torch.inference_mode()
-    def forward():
-        return discriminator(generator(torch.randn(batch, latent_dim)))
+    def forward(rows: int):
+        return discriminator(generator(torch.randn(rows, latent_dim)))
 
-    steps = {
+    def forward_backward(rows: int):
+        return mala.log_target_and_grad(generator, discriminator, torch.randn(rows, latent_dim))
+
+    baselines = {
+        "G+D forward": lambda: forward(batch),
+        "G+D forward and backward": lambda: forward_backward(batch),
+        f"G+D forward of {chains} x {particles - 1} rows": lambda: forward(
+            chains * (particles - 1)
+        ),
+        f"the same + {mala_steps + 1} forward-backward of {chains} rows": lambda: (
+            forward(chains * (particles - 1)),
+            [forward_backward(chains) for _ in range(mala_steps + 1)],
+        ),
+    }
+    names = list(baselines)
+    kernels = {
         "imh": (
+            names[0],
+            noise,
             imh.build(propose, discriminator),
             imh.init_generator(propose, discriminator, noise),
         ),
-        "drs": (drs.build(propose, discriminator), drs.init(propose(noise), 5.0)),
+        "drs": (names[0], noise, drs.build(propose, discriminator), drs.init(propose(noise), 5.0)),
         "pcn": (
+            names[0],
+            noise,
             pcn.build(generator, discriminator),
             pcn.init(generator, discriminator, noise, latent_dim, 0.5),
         ),
+        "mala": (
+            names[1],
+            noise,
+            mala.build(generator, discriminator),
+            mala.init(generator, discriminator, noise, latent_dim, 0.01),
+        ),
+        f"isir (N={particles})": (
+            names[2],
+            chain_noise,
+            isir.build(generator, discriminator),
+            isir.init(generator, discriminator, chain_noise, latent_dim, particles),
+        ),
+        f"ex2mcmc (N={particles}, {mala_steps} MALA)": (
+            names[3],
+            chain_noise,
+            ex2mcmc.build(generator, discriminator),
+            ex2mcmc.init(generator, discriminator, chain_noise, latent_dim, particles),
+        ),
     }
-    states = {method: state for method, (_, state) in steps.items()}
+    states = {method: entry[3] for method, entry in kernels.items()}
 
     def stepper(method):
-        kernel = steps[method][0]
+        _, method_noise, kernel, _ = kernels[method]
 
         def run():
-            states[method], _ = kernel.step(states[method], noise)
+            states[method], _ = kernel.step(states[method], method_noise)
 
         return run
 
-    timings: dict[str, list[float]] = {"forward": []} | {m: [] for m in steps}
+    timings: dict[str, list[float]] = {k: [] for k in [*baselines, *kernels]}
     for _ in range(blocks):  # interleave so background load hits every column alike
-        timings["forward"].append(block_seconds(forward, calls))
-        for method in steps:
+        for label, fn in baselines.items():
+            timings[label].append(block_seconds(fn, calls))
+        for method in kernels:
             timings[method].append(block_seconds(stepper(method), calls))
-    base = min(timings["forward"])
-    rows = [[name, batch, "G+D forward", f"{base * 1e3:.3f}", "1.00"]]
-    for method in steps:
-        t = min(timings[method])
-        rows.append([name, batch, f"{method} step", f"{t * 1e3:.3f}", f"{t / base:.2f}"])
+    best = {label: min(times) for label, times in timings.items()}
+    rows = []
+    for method, (baseline, method_noise, _, _) in kernels.items():
+        t, base = best[method], best[baseline]
+        rows.append(
+            [
+                name,
+                method_noise.batch_size,
+                f"{method} step",
+                baseline,
+                f"{t * 1e3:.3f}",
+                f"{base * 1e3:.3f}",
+                f"{t / base:.2f}",
+            ]
+        )
     return rows
 
 
@@ -104,15 +165,17 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += measure(name, args.batch, args.blocks, args.calls)
-    table = markdown_table(["model", "batch", "what", "ms per call", "ratio to forward"], rows)
+    header = ["model", "chains", "step", "baseline (model work)", "step ms", "baseline ms", "ratio"]
+    table = markdown_table(header, rows)
     print(table)
     if not args.no_write:
         text = (
             "## Kernel overhead\n\n"
             f"Command: `{COMMAND}` ({machine()}). Best of {args.blocks} interleaved blocks "
             f"of {args.calls} calls; untrained weights of the zoo architectures (speed does "
-            "not depend on the values). Goal: an `imh` step within 1.1x of the plain G+D "
-            "forward on the same batch.\n\n" + table + "\n\n" + READING
+            "not depend on the values). Goals: an `imh` step within 1.1x of the plain G+D "
+            "forward on the same batch; an `isir` step within 1.1x of the G+D forward of its "
+            "B x (N - 1) new particles.\n\n" + table + "\n\n" + READING
         )
         write_section("BENCHMARKS.md", "kernels", text)
 

@@ -42,8 +42,9 @@ still 3x below the raw generator's), and gives the best DRS FID on digits; the 9
 percentile is 3x cheaper again but doubles toy25's JSD. Budget: 10,000 proposals per
 sample (as many as the pilot); at the default shift a row needs 25 to 30 on average, so
 it practically never runs out ((1 - 1/29)^10000 is about e^-345), and the toy25 request
-above returns 1,000 DRS samples with 0 fallbacks. Exact DRS with the isotonic calibration needs about 6,000
-proposals per sample on toy25: there raise the budget, and the fallback count says when.
+above returns 1,000 DRS samples with 0 fallbacks. Exact DRS with the isotonic
+calibration needs about 6,000 proposals per sample on toy25: there raise the budget, and
+the fallback count says when.
 """
 
 from __future__ import annotations
