@@ -140,3 +140,16 @@ def test_proposals_per_step_counts_candidates():
     assert TABLE["isir"].proposals_per_step(options("isir", {"particles": 5})) == 4
     ex2 = options("ex2mcmc", {"particles": 5, "mala_steps": 2})
     assert TABLE["ex2mcmc"].proposals_per_step(ex2) == 6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trace_is_given_where_a_chain_has_a_score(method):
+    noise = Noise.seeded(0, 16)
+    params = {"scale": 1.0} if method == "markov" else {}
+    kernel, state = prepare(method, _models(), params, noise, steps=4)
+    _, info = kernel.step(state, noise)
+    if method in ("none", "drs", "markov"):
+        assert info.trace is None
+    else:
+        assert info.trace.shape == (16,) and torch.isfinite(info.trace).all()
+    assert (info.in_warmup is not None) == (method in ("mala", "ex2mcmc"))
