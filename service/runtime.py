@@ -57,6 +57,8 @@ class Runtime:
         self.metrics = Metrics()
         device = torch.device(settings.device)
         self.registry = Registry(device)
+        if role == "worker":
+            self.registry.shared_store = settings.model_store.resolve()
         self.engine = Engine(
             EngineConfig(
                 max_batch_size=settings.max_batch_size,

@@ -20,7 +20,7 @@ from service.api.deps import AppState
 from service.api.errors import install_handlers
 from service.api.middleware import BodyLimits, HostGuard, HttpMetrics, OriginGuard
 from service.api.openapi import install_openapi
-from service.api.routes import classifiers, health, jobs, methods, models, sample
+from service.api.routes import classifiers, dashboard, health, jobs, methods, models, sample
 from service.batch.service import JobService
 from service.classifiers.service import ClassifierService
 from service.runtime import Runtime
@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Implicit Metropolis-Hastings post-processing for GANs",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by the dashboard router from local assets, like /redoc
+        redoc_url=None,
     )
     app.state.imh = state
     # Added innermost first: a request meets HttpMetrics, HostGuard, CORS, OriginGuard,
@@ -67,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
     app.add_middleware(HostGuard, allowed_hosts=settings.host_names)
     app.add_middleware(HttpMetrics, metrics=runtime.metrics)
-    routers = (health, models, methods, sample, jobs, classifiers)
+    routers = (health, models, methods, sample, jobs, classifiers, dashboard)
     for router in (module.router for module in routers):
         app.include_router(router)
     install_handlers(app)

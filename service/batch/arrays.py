@@ -1,6 +1,7 @@
-"""Where a job's arrays live: shard inputs, shard outputs and results.
+"""Where a job's arrays live: uploaded inputs, shard outputs, results, checkpoints.
 
-Each array is named within its job ("in:3", "out:3", "result:indices").
+Each array is named within its job ("in:3", "in:data.x", "out:3", "result:indices",
+"in:checkpoint"); names starting "in:" are dropped as soon as the job ends.
 
 - `RedisArrays` (distributed mode): a hash per array (dtype, shape, raw bytes) at
   `<job key>:<name>`, so every worker and front end reads the same data;

@@ -121,8 +121,9 @@ class JobService:
             raise InvalidRequest("candidates contain NaN or infinite values", ("candidates",))
         await asyncio.to_thread(_smoke_test, log_ratio, candidates[:2], self.registry.device)
         sizes = shard_sizes(len(candidates), self.settings.filter_shard_rows)
-        bounds = np.cumsum([0, *sizes])
-        inputs = [candidates[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        starts = np.cumsum([0, *sizes[:-1]])
+        inputs = {str(k): candidates[start : start + size]
+                  for k, (start, size) in enumerate(zip(starts, sizes, strict=True))}  # fmt: skip
         job_id = await self.store.create(
             "filter", request_dict(spec), len(candidates), sizes,
             shape, inputs, owner=access.owner,

@@ -59,17 +59,20 @@ class JobStore:
         n: int,
         shard_sizes: list[int],
         sample_shape: tuple[int, ...],
-        inputs: list[np.ndarray] | None = None,
+        inputs: dict[str, np.ndarray] | None = None,
         owner: str = "",
     ) -> str:
-        """A new job; `owner` is a digest of the token that may read and cancel it."""
+        """A new job; `owner` is a digest of the token that may read and cancel it.
+
+        `inputs` are the job's uploaded arrays by name ("0" for shard 0's candidates,
+        "data.x", ...), read back with `input` and dropped when the job ends."""
         job_id = secrets.token_hex(12)
         keys, now = self.keys, time.time()
-        for shard, array in enumerate(inputs or []):
-            await self.arrays.write(job_id, f"in:{shard}", array, self.ttl)
+        for name, array in (inputs or {}).items():
+            await self.arrays.write(job_id, f"in:{name}", array, self.ttl)
         fields = {
             "id": job_id, "type": job_type, "state": "queued", "spec": json.dumps(spec),
-            "owner": owner,
+            "owner": owner, "inputs": json.dumps(sorted(inputs or {})),
             "shards": len(shard_sizes), "shard_sizes": json.dumps(shard_sizes), "items": n,
             "sample_shape": json.dumps(list(sample_shape)), "proposals": 0, "accepted": 0,
             "created_at": now,
@@ -135,14 +138,14 @@ class JobStore:
         job = await self.get(job_id)
         if job is None:
             return None
-        keys = self.keys
+        keys, arrays = self.keys, await self._arrays_of(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.job(job_id), keys.job_done(job_id))
             pipe.zrem(keys.jobs, job_id)
             pipe.hdel(keys.job_states, job_id)
             pipe.expire(keys.job_events(job_id), FOLLOWERS_S)
             await pipe.execute()
-        await self._forget_arrays(job_id, job["counts"]["shards"], ttl_s=0)
+        await self._forget_arrays(job_id, arrays, ttl_s=0)
         return job
 
     async def events(self, job_id: str, after: str = "0") -> AsyncIterator[tuple[str, str, dict]]:
@@ -219,11 +222,24 @@ class JobStore:
             return None
         return await self.get(job_id)
 
+    async def input(self, job_id: str, name: str) -> np.ndarray | None:
+        """An uploaded input array of the job (None: it has none of that name)."""
+        return await self.arrays.read(job_id, f"in:{name}")
+
     async def shard_input(self, job_id: str, shard: int) -> np.ndarray:
-        array = await self.arrays.read(job_id, f"in:{shard}")
+        array = await self.input(job_id, str(shard))
         if array is None:
             raise LookupError(f"job {job_id}: the input of shard {shard} is gone")
         return array
+
+    async def save_checkpoint(self, job_id: str, data: bytes) -> None:
+        """A long shard's progress (a redelivered shard resumes from it)."""
+        array = np.frombuffer(data, dtype=np.uint8)
+        await self.arrays.write(job_id, "in:checkpoint", array, self.ttl)
+
+    async def checkpoint(self, job_id: str) -> bytes | None:
+        array = await self.input(job_id, "checkpoint")
+        return None if array is None else array.tobytes()
 
     async def shard_output(self, job_id: str, shard: int) -> np.ndarray:
         array = await self.arrays.read(job_id, f"out:{shard}")
@@ -271,7 +287,7 @@ class JobStore:
 
         outcome, last = await self._transact([job_key, done_key], body)
         if outcome == "done" and last:
-            await self._forget_arrays(job_id, await self._shards(job_id))
+            await self._forget_arrays(job_id, await self._arrays_of(job_id))
         return outcome, last
 
     async def finish_filter(
@@ -292,7 +308,7 @@ class JobStore:
             return True, True
 
         ended = await self._transact([job_key], body)
-        await self._forget_arrays(job_id, await self._shards(job_id))
+        await self._forget_arrays(job_id, await self._arrays_of(job_id))
         return ended
 
     async def fail(self, job_id: str, error: str) -> None:
@@ -312,7 +328,7 @@ class JobStore:
             return True, True
 
         if await self._transact([job_key], body):
-            await self._forget_arrays(job_id, await self._shards(job_id))
+            await self._forget_arrays(job_id, await self._arrays_of(job_id))
 
     def _finish(self, pipe, job_id: str, job_type: str, state: str, error: str | None) -> None:
         """Queue the commands that end a job: state, event, expiry."""
@@ -324,15 +340,15 @@ class JobStore:
         for key in (keys.job(job_id), keys.job_events(job_id), keys.job_done(job_id)):
             pipe.expire(key, self.ttl)
 
-    async def _shards(self, job_id: str) -> int:
-        shards = await self.redis.hget(self.keys.job(job_id), "shards")
-        return int(shards) if shards is not None else 0
+    async def _arrays_of(self, job_id: str) -> list[str]:
+        shards, inputs = await self.redis.hmget(self.keys.job(job_id), "shards", "inputs")
+        names = [f"in:{name}" for name in json.loads(inputs or b"[]")] + ["in:checkpoint"]
+        names += [f"out:{k}" for k in range(int(shards or 0))]
+        return names + [f"result:{name}" for name in FILTER_ARRAYS]
 
-    async def _forget_arrays(self, job_id: str, shards: int, ttl_s: int | None = None) -> None:
+    async def _forget_arrays(self, job_id: str, names: list[str], ttl_s: int | None = None) -> None:
         """An ended job's inputs go now; its outputs and results expire with it (after
         `ttl_s`, default the job's time to live; 0: now)."""
-        names = [f"{part}:{k}" for part in ("in", "out") for k in range(shards)]
-        names += [f"result:{name}" for name in FILTER_ARRAYS]
         await self.arrays.forget(job_id, names, self.ttl if ttl_s is None else ttl_s)
 
     def _set_state(self, pipe, job_id: str, job_type: str, state: str, **extra: Any) -> None:

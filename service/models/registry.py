@@ -52,6 +52,9 @@ class Registry:
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._write_lock = threading.Lock()  # writers copy the table; readers never lock
         self.load_errors: dict[str, str] = {}  # folder -> why it was skipped
+        # A worker's copy of IMH_MODEL_STORE, shared with the API: exact versions that are
+        # not loaded yet are loaded from it on first use.
+        self.shared_store: Path | None = None
 
     # Reading -------------------------------------------------------------------------
 
@@ -68,13 +71,27 @@ class Registry:
             candidates = self.versions(name)
             model = candidates[-1] if candidates else None
         else:
-            model = self._models.get((name, version))
+            model = self._models.get((name, version)) or self._load_missing(name, version)
         if model is None:
             known = sorted({m.name for m in self._models.values() if kind in (None, m.kind)})
             raise ModelNotFound(f"no model {ref!r} is loaded; loaded: {known}")
         if kind is not None and model.kind != kind:
             raise ModelNotFound(f"{model.ref} is a {model.kind}, not a {kind}")
         return model
+
+    def _load_missing(self, name: str, version: str) -> LoadedModel | None:
+        """A worker asked for an exact version the API already knows: load it from the
+        shared store now, rather than wait for (or miss) the API's announcement."""
+        store = self.shared_store
+        if store is None or not (valid_name(name) and valid_name(version)):
+            return None
+        if not (store / name / version / "manifest.json").is_file():
+            return None
+        try:
+            return self.load_one(store, name, version, "store")
+        except Exception as error:  # noqa: BLE001 - the caller reports the model as missing
+            log.warning("could not load %s:%s from the shared store: %s", name, version, error)
+            return None
 
     def discriminators_for(self, generator: LoadedModel, input: str) -> list[LoadedModel]:
         """Latest versions of the discriminators of `input` kind registered for a generator."""

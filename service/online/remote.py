@@ -89,7 +89,7 @@ class RemoteSampling:
         if self.health.workers == 0:
             raise Unavailable("no worker is available; start `imh worker` processes")
         request_id = secrets.token_hex(12)
-        body = wire_body(resolved.body, resolved.seed)
+        body = wire_body(resolved)
         mode = "stream" if resolved.stream else "final"
 
         async def submit() -> None:
@@ -152,6 +152,10 @@ class RemoteSampling:
             raise Unavailable(f"Redis is unreachable: {error}") from None
 
 
-def wire_body(body: SampleCreate, seed: int) -> str:
-    """The request as JSON a worker validates again, with its seed fixed."""
-    return json.dumps({**request_dict(body), "seed": seed})
+def wire_body(resolved: Resolved) -> str:
+    """The request as JSON a worker validates again, with its seed and the exact model
+    versions this front end resolved fixed (a worker loads those it lacks)."""
+    pinned = {"seed": resolved.seed, "generator": resolved.generator.ref}
+    if resolved.discriminator is not None:
+        pinned["discriminator"] = resolved.discriminator.ref
+    return json.dumps({**request_dict(resolved.body), **pinned})
