@@ -148,15 +148,18 @@ class TraceRecorder:
         if trace is None:
             self.untraced = True
             return
-        rows = min(len(trace), self.max_chains)
-        values = trace[:rows].detach().double().cpu().numpy()
-        live = np.ones(rows, dtype=bool)
-        if in_warmup is not None:
-            live = ~in_warmup[:rows].cpu().numpy()
         if self.values is None:
-            self.values = np.zeros((rows, self.max_draws))
-            self.counts = np.zeros(rows, dtype=np.int64)
-            self.seen = np.zeros(rows, dtype=np.int64)
+            chains = min(len(trace), self.max_chains)
+            self.values = np.zeros((chains, self.max_draws))
+            self.counts = np.zeros(chains, dtype=np.int64)
+            self.seen = np.zeros(chains, dtype=np.int64)
+        rows = min(len(trace), len(self.values))  # the first chains seen, while they last
+        values = trace[:rows].detach().double().cpu().numpy()
+        live = np.zeros(len(self.values), dtype=bool)
+        live[:rows] = True
+        if in_warmup is not None:
+            live[:rows] &= ~in_warmup[:rows].cpu().numpy()
+        values = np.pad(values, (0, len(self.values) - rows))
         keep = live & (self.seen % self.stride == 0)
         chains = np.flatnonzero(keep)
         self.values[chains, self.counts[chains]] = values[chains]

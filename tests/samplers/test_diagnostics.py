@@ -122,3 +122,12 @@ def test_warnings_are_plain_english():
     assert found[0].startswith("chains did not mix: split R-hat 1.31 > 1.05")
     assert found[1].startswith("chains barely moved: effective sample size 10 < 0.5 x 64")
     assert diagnostics.warnings(1.01, 500.0, chains=64) == []
+
+
+def test_recorder_follows_the_first_chains_when_the_batch_changes():
+    recorder = TraceRecorder(max_chains=4, max_draws=50)
+    for t in range(20):
+        rows = 6 if t < 10 else 3  # rows leave the batch halfway
+        recorder.record(torch.full((rows,), float(t)))
+    assert recorder.counts.tolist() == [20, 20, 20, 10]
+    assert recorder.trace().shape == (4, 10)
