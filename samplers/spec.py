@@ -9,6 +9,9 @@ the table both checks options here and can be turned into pydantic fields elsewh
     >>> option = Option("beta", float, 0.5, "step in (0, 1]", gt=0, le=1)
     >>> option.annotation, option.constraints
     (<class 'float'>, {'gt': 0, 'le': 1})
+    >>> fields = {o.name: (o.constrained(Field), Field(o.default, description=o.description))
+    ...           for o in TABLE["mala"].options}
+    >>> MalaParams = pydantic.create_model("MalaParams", **fields)
     >>> option.check(1.5)
     Traceback (most recent call last):
     MethodError: option 'beta' must be <= 1, not 1.5
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -71,6 +74,17 @@ class Option:
     def annotation(self) -> Any:
         """The python type a request model should declare (without Optional)."""
         base: Any = Literal[self.choices] if self.choices else self.type
+        if self.auto:
+            base = base | Literal["auto"]
+        return base | None if self.nullable else base
+
+    def constrained(self, marker: Callable[..., Any]) -> Any:
+        """`annotation` with the bounds attached to its numeric part, as
+        Annotated[type, marker(gt=..., ...)]: with marker = pydantic.Field this is a
+        request model's field type (bounds on "auto" itself would not validate)."""
+        base: Any = Literal[self.choices] if self.choices else self.type
+        if self.constraints:
+            base = Annotated[base, marker(**self.constraints)]
         if self.auto:
             base = base | Literal["auto"]
         return base | None if self.nullable else base

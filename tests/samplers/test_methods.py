@@ -153,3 +153,26 @@ def test_trace_is_given_where_a_chain_has_a_score(method):
     else:
         assert info.trace.shape == (16,) and torch.isfinite(info.trace).all()
     assert (info.in_warmup is not None) == (method in ("mala", "ex2mcmc"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_request_models_built_from_the_table_check_what_the_table_checks(method):
+    pydantic = pytest.importorskip("pydantic")
+    spec = TABLE[method]
+    fields = {
+        o.name: (
+            o.constrained(pydantic.Field),
+            pydantic.Field(o.default, description=o.description),
+        )
+        for o in spec.options
+    }
+    model = pydantic.create_model(f"{method}Params", **fields)
+    assert model().model_dump() == spec.defaults
+    for option in spec.options:
+        if option.gt is not None:
+            with pytest.raises(pydantic.ValidationError):
+                model(**{option.name: option.gt})
+            with pytest.raises(MethodError):
+                options(method, {option.name: option.gt})
+        if option.auto:
+            assert getattr(model(**{option.name: "auto"}), option.name) == "auto"
