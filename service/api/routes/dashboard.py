@@ -131,14 +131,14 @@ DASHBOARD_CSP = (
 )
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def dashboard(request: Request) -> Response:
     answer = DASHBOARD.response("index.html", request)
     answer.headers.update({**PAGE_HEADERS, "Content-Security-Policy": DASHBOARD_CSP})
     return answer
 
 
-@router.get("/dashboard/{name:path}", include_in_schema=False)
+@router.api_route("/dashboard/{name:path}", methods=["GET", "HEAD"], include_in_schema=False)
 async def dashboard_file(name: str, request: Request) -> Response:
     answer = DASHBOARD.response(name, request)
     answer.headers["X-Content-Type-Options"] = "nosniff"
@@ -155,7 +155,7 @@ def _docs_root(request: Request) -> str:
     return request.scope.get("root_path", "").rstrip("/")
 
 
-@router.get("/docs", include_in_schema=False)
+@router.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = _docs_root(request)
     return get_swagger_ui_html(
@@ -175,14 +175,14 @@ async def swagger_ui_redirect() -> HTMLResponse:
     return get_swagger_ui_oauth2_redirect_html()
 
 
-@router.get("/docs/assets/{name}", include_in_schema=False)
+@router.api_route("/docs/assets/{name}", methods=["GET", "HEAD"], include_in_schema=False)
 async def docs_asset(name: str, request: Request) -> Response:
     _docs_root(request)
     assert DOCS is not None
     return DOCS.response(name, request, cache="public, max-age=86400")
 
 
-@router.get("/redoc", include_in_schema=False)
+@router.api_route("/redoc", methods=["GET", "HEAD"], include_in_schema=False)
 async def redoc(request: Request) -> HTMLResponse:
     root = _docs_root(request)
     return get_redoc_html(
@@ -410,7 +410,9 @@ async def summary(state: StateDep) -> SummaryPublic:
     keys = sorted(set(proposals) | set(chains) | set(queued))
     by_model = [
         ModelActivity(
-            model=model, method=method, proposals=proposals.get((model, method), 0.0),
+            model=model,
+            method=method,
+            proposals=proposals.get((model, method), 0.0),
             accepted=accepted.get((model, method), 0.0),
             active_chains=chains.get((model, method), 0.0),
             queued_rows=queued.get((model, method), 0.0),
@@ -443,9 +445,12 @@ async def summary(state: StateDep) -> SummaryPublic:
         workers=health.workers,
         worker_list=[
             WorkerPublic(
-                name=str(beat.get("name", "?")), host=beat.get("host"), device=beat.get("device"),
+                name=str(beat.get("name", "?")),
+                host=beat.get("host"),
+                device=beat.get("device"),
                 running={k: int(v) for k, v in (beat.get("running") or {}).items()},
-                seen_s_ago=round(now - beat["at"], 3) if isinstance(beat.get("at"), int | float)
+                seen_s_ago=round(now - beat["at"], 3)
+                if isinstance(beat.get("at"), int | float)
                 else None,
             )  # fmt: skip
             for beat in beats
@@ -460,7 +465,8 @@ async def summary(state: StateDep) -> SummaryPublic:
             proposals_total=totals["proposals"],
             accepted_total=totals["accepted"],
             acceptance_rate=totals["accepted"] / totals["proposals"]
-            if totals["proposals"] else None,
+            if totals["proposals"]
+            else None,
             proposals_per_second=_rate(m, totals["proposals"]),
             active_chains=totals["active_chains"],
             queued_rows=totals["queued_rows"],

@@ -16,7 +16,7 @@ export function el(tag, attrs = {}, ...children) {
     else if (value === true) node.setAttribute(key, "");
     else node.setAttribute(key, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     node.append(child instanceof Node ? child : String(child));
   }
@@ -36,7 +36,7 @@ export function showError(box, error) {
 
 export function toast(message, kind = "info", ms = 6000) {
   const box = document.getElementById("toasts");
-  const note = el(`div.toast.${kind}`, { role: kind === "error" ? "alert" : "status" }, message);
+  const note = el(`div.toast.toast-${kind}`, { role: kind === "error" ? "alert" : "status" }, message);
   box.append(note);
   while (box.children.length > 4) box.firstChild.remove();
   setTimeout(() => note.remove(), ms);
@@ -47,13 +47,13 @@ export function fmt(value, digits = 3) {
   if (typeof value !== "number") return String(value);
   if (!Number.isFinite(value)) return String(value);
   const abs = Math.abs(value);
-  if (abs !== 0 && (abs >= 1e6 || abs < 1e-3)) return value.toExponential(2);
-  if (Number.isInteger(value)) return value.toLocaleString("en-US");
+  if (Number.isInteger(value) && abs < 1e15) return value.toLocaleString("en-US");
+  if (abs !== 0 && (abs >= 1e9 || abs < 1e-3)) return value.toExponential(2);
   return value.toLocaleString("en-US", { maximumSignificantDigits: digits + 1 });
 }
 
 export function fmtRate(value) {
-  if (value === null || value === undefined) return "–";
+  if (value === null || value === undefined || !Number.isFinite(value)) return "–";
   if (value >= 1e6) return `${(value / 1e6).toFixed(2)} M`;
   if (value >= 1e3) return `${(value / 1e3).toFixed(1)} k`;
   return value.toFixed(value < 10 ? 2 : 0);
