@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Coroutine
 from typing import Any, Literal
@@ -82,24 +83,40 @@ class Runtime:
             self.health.redis_up, self.health.workers, self.health.error = True, 1, None
         self.ready = False
         self.startup_error: str | None = None
+        self.origin = secrets.token_hex(6)  # tells this process's announcements apart
         self._tasks: set[asyncio.Task] = set()
 
     def _worker(self, device: torch.device) -> Worker:
-        shards = ShardRunner(self.store, self.sampling, self.registry, self.metrics)
+        shards = ShardRunner(
+            self.store, self.sampling, self.registry, self.metrics,
+            self.settings.model_store.resolve(), self.announce_model,
+        )  # fmt: skip
         if self.role == "api":  # embedded: batch jobs only; online requests run in place
             return Worker(self.broker, self.settings, self.metrics, [shards], name="embedded")
         online = OnlineWork(self.broker, self.sampling, self.settings.max_deliveries)
         return Worker(
-            self.broker, self.settings, self.metrics, [online, shards],
-            device=str(device), on_model_change=self._apply_model_change,
-        )  # fmt: skip
+            self.broker, self.settings, self.metrics, [online, shards], device=str(device)
+        )
 
     # Life ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.spawn(self._start())
-        if self.role == "api" and self.distributed:
-            self.spawn(self.health.run())
+        if self.distributed:
+            self.spawn(self.broker.follow_models(self._apply_model_change))
+            if self.role == "api":
+                self.spawn(self.health.run())
+
+    async def announce_model(self, op: str, name: str, version: str) -> None:
+        """Distributed mode: every process that shares IMH_MODEL_STORE loads (or drops)
+        the version too. A lost announcement is not fatal: a worker loads a version it
+        is asked for from the shared store."""
+        if not self.distributed:
+            return
+        try:
+            await self.broker.announce_model(op, name, version, self.origin)
+        except (RedisError, OSError) as error:
+            log.warning("could not announce %s of %s:%s: %s", op, name, version, error)
 
     async def stop(self, drain_s: float) -> None:
         if self.worker is not None:
@@ -164,14 +181,16 @@ class Runtime:
                 pause = min(pause * 2, 2.0)
 
     async def _apply_model_change(self, change: dict[str, str]) -> None:
-        """A model the API uploaded to (or deleted from) the shared store."""
+        """A model another process installed in (or deleted from) the shared store."""
         name, version, op = change["name"], change["version"], change["op"]
+        if change.get("origin") == self.origin:
+            return  # this process made the change
         store = self.settings.model_store.resolve()
         try:
             if op == "install":
                 await asyncio.to_thread(self.registry.load_one, store, name, version, "store")
             else:
-                self.registry.remove(name, version, allow_zoo=True)  # the API checked
+                self.registry.remove(name, version, allow_zoo=True)  # the sender checked
                 if not self.registry.versions(name):
                     self.metrics.forget_model(name)
             log.info("model %s:%s: %s", name, version, op)

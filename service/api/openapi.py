@@ -11,14 +11,25 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from service.batch.schemas import FilterJobCreate, GenerateJobCreate
+from service.batch.schemas import (
+    FilterJobCreate,
+    GenerateJobCreate,
+    SbnFitJobCreate,
+    SbpPruneJobCreate,
+)
 from service.online.schemas import PARAMS
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 def install_openapi(app: FastAPI) -> None:
-    extra: list[type[BaseModel]] = [GenerateJobCreate, FilterJobCreate, *PARAMS.values()]
+    extra: list[type[BaseModel]] = [
+        GenerateJobCreate,
+        FilterJobCreate,
+        SbnFitJobCreate,
+        SbpPruneJobCreate,
+        *PARAMS.values(),
+    ]
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

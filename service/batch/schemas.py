@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from service.online.schemas import (
     MODEL_REF,
@@ -92,7 +92,59 @@ class FilterJobCreate(BaseModel):
         return self
 
 
-JobCreate = Annotated[GenerateJobCreate | FilterJobCreate, Field(discriminator="type")]
+class _ClassifierJob(BaseModel):
+    """A job on a loaded classifier (uploaded torch.export program or built-in), trained
+    on the uploaded `data` file (x and y); `heldout` (x and y) is the report's data, else
+    a seeded share of `data`; `ood` (x) gives the out-of-domain AUROC (sbn-fit)."""
+
+    model_config = ConfigDict(**REQUEST)
+    classifier: Annotated[str, MODEL_REF] = Field(description='"name" or "name:version"')
+    output: Annotated[str, MODEL_REF] | None = Field(
+        None, description="name of the new classifier (default <classifier>-sbn / -sbp)"
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="batches, split and noise")
+    batch_size: int = Field(32, ge=2, le=4096)
+    epochs: int | None = Field(None, ge=1, le=1000)
+    held_out_fraction: float = Field(0.2, gt=0, lt=1, description="without a heldout file")
+
+    def settings(self) -> dict[str, Any]:
+        """The classifiers.* settings object's fields (defaults where not given)."""
+        return self.model_dump(exclude={"type", "classifier", "output"}, exclude_none=True)
+
+
+class SbnFitJobCreate(_ClassifierJob):
+    """Stochastic Batch Normalization: the graph's batch norms become SBN, fitted on data."""
+
+    model_config = ConfigDict(
+        **REQUEST, json_schema_extra={"examples": [{"type": "sbn-fit", "classifier": "mynet"}]}
+    )
+    type: Literal["sbn-fit"]
+    momentum: float = Field(0.1, gt=0, le=1, description="smoothing of the statistics")
+    samples: int = Field(32, ge=1, le=256, description="K of the report and of predictions")
+
+
+class SbpPruneJobCreate(_ClassifierJob):
+    """Structured Bayesian Pruning, then a physically smaller torch.export program."""
+
+    model_config = ConfigDict(
+        **REQUEST, json_schema_extra={"examples": [{"type": "sbp-prune", "classifier": "mynet"}]}
+    )
+    type: Literal["sbp-prune"]
+    lr: float = Field(1e-3, gt=0, le=1)
+    sbp_lr_factor: float = Field(10.0, gt=0, le=1000, description="noise parameters learn faster")
+    kl_weight: float = Field(1.0, ge=0, le=1000)
+    checkpoint_every: int = Field(200, ge=10, le=100_000, description="steps between checkpoints")
+
+
+ClassifierJobCreate = SbnFitJobCreate | SbpPruneJobCreate
+CLASSIFIER_JOBS = TypeAdapter(
+    Annotated[SbnFitJobCreate | SbpPruneJobCreate, Field(discriminator="type")]
+)
+JOB_TYPES = ("generate", "filter", "sbn-fit", "sbp-prune")
+JobCreate = Annotated[
+    GenerateJobCreate | FilterJobCreate | SbnFitJobCreate | SbpPruneJobCreate,
+    Field(discriminator="type"),
+]
 
 
 class JobCounts(BaseModel):
@@ -107,7 +159,7 @@ class JobCounts(BaseModel):
 
 class JobPublic(BaseModel):
     id: str
-    type: Literal["generate", "filter"]
+    type: Literal["generate", "filter", "sbn-fit", "sbp-prune"]
     state: JobState
     progress: float = Field(ge=0, le=1, description="finished shards / shards")
     counts: JobCounts
@@ -117,6 +169,12 @@ class JobPublic(BaseModel):
     error: str | None
     spec: dict[str, Any] = Field(description="the job as submitted, seed filled in")
     result: str | None = Field(description="where to GET the result once succeeded")
+    output: str | None = Field(
+        None, description="classifier jobs: the new classifier, name:version, once succeeded"
+    )
+    report: dict[str, Any] | None = Field(
+        None, description="classifier jobs: accuracy, NLL, OOD AUROC or compression figures"
+    )
 
 
 class JobCreated(JobPublic):

@@ -23,7 +23,14 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from service.batch.schemas import FilterJobCreate, GenerateJobCreate
+from classifiers.upload_data import BadData, DataLimits
+from service.batch import classifier_jobs
+from service.batch.schemas import (
+    JOB_TYPES,
+    ClassifierJobCreate,
+    FilterJobCreate,
+    GenerateJobCreate,
+)
 from service.batch.shards import filter_log_ratio, shard_sizes
 from service.batch.store import FILTER_ARRAYS, JobStore
 from service.errors import Forbidden, InvalidRequest, ModelConflict, ModelNotFound, check_limit
@@ -131,6 +138,29 @@ class JobService:
         self.metrics.jobs_submitted.labels("filter").inc()
         return await self.get(job_id, access)
 
+    async def create_classifier_job(
+        self, spec: ClassifierJobCreate, uploads: dict[str, bytes], access: JobAccess
+    ) -> dict[str, Any]:
+        """An sbn-fit or sbp-prune job, checked whole before it is accepted."""
+        model = self.registry.get(spec.classifier, kind="classifier")
+        limits = DataLimits(self.settings.max_upload_bytes, self.settings.max_job_n)
+
+        def prepare() -> dict[str, np.ndarray]:
+            try:
+                data = classifier_jobs.read_uploads(uploads, model, limits)
+            except BadData as error:
+                raise classifier_jobs.as_invalid(error) from None
+            return classifier_jobs.check(spec, model, data)
+
+        arrays = await asyncio.to_thread(prepare)
+        pinned = {**request_dict(spec), "classifier": model.ref}
+        rows = len(arrays["data.x"])
+        job_id = await self.store.create(
+            spec.type, pinned, rows, [rows], (), arrays, owner=access.owner
+        )
+        self.metrics.jobs_submitted.labels(spec.type).inc()
+        return await self.get(job_id, access)
+
     async def get(self, job_id: str, access: JobAccess) -> dict[str, Any]:
         job = await self.store.get(job_id)
         if job is None:
@@ -163,6 +193,11 @@ class JobService:
             raise JobConflict(
                 f"job {job_id} is {job['state']}; its result exists once it has succeeded"
             )
+        if job["type"] not in ("generate", "filter"):
+            raise JobConflict(
+                f"a {job['type']} job's result is the classifier {job['output']}: use "
+                f"/v1/classifiers/{job['output']}"
+            )
         if job["type"] == "generate":
             array = None  # one array: its samples
         elif array is not None and array not in FILTER_ARRAYS:
@@ -174,7 +209,7 @@ class JobService:
     async def update_gauges(self) -> None:
         counts = await self.store.state_counts()
         gauge = self.metrics.jobs
-        for job_type in ("generate", "filter"):
+        for job_type in JOB_TYPES:
             for state in ("queued", "running", "succeeded", "failed", "cancelled"):
                 gauge.labels(job_type, state).set(counts.get((job_type, state), 0))
 

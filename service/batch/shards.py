@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from samplers.finite import drs_filter, mh_filter
+from service.batch.classifier_jobs import ClassifierJobRunner
 from service.batch.schemas import TERMINAL, FilterJobCreate, GenerateJobCreate
 from service.batch.store import JobStore
 from service.distributed.connection import retrying
@@ -53,9 +56,17 @@ class ShardRunner:
     kind, stream = "shard", JOBS
 
     def __init__(
-        self, store: JobStore, sampling: SamplingService, registry: Registry, metrics: Metrics
+        self,
+        store: JobStore,
+        sampling: SamplingService,
+        registry: Registry,
+        metrics: Metrics,
+        model_store: Path | None = None,
+        announce: Callable[[str, str, str], Awaitable[None]] | None = None,
     ):
         self.store, self.sampling, self.registry, self.metrics = store, sampling, registry, metrics
+        self.classifier_jobs = ClassifierJobRunner(store, registry, model_store or Path("store"))
+        self.announce = announce
 
     async def handle(self, message: Message) -> None:
         job_id, shard = message.text("job"), int(message.text("shard"))
@@ -83,6 +94,8 @@ class ShardRunner:
         if job is None:
             return "unknown", "cancelled"
         job_type = job["type"]
+        if job_type in ("sbn-fit", "sbp-prune"):
+            return job_type, await self._classifier_job(job)
         if await self.store.is_done(job_id, shard):
             outcome, last = "duplicate", job["counts"]["shards_done"] == job["counts"]["shards"]
         else:
@@ -98,6 +111,21 @@ class ShardRunner:
         if job_type == "filter" and last and outcome != "ignored":
             await self._finish_filter(job)
         return job_type, outcome
+
+    async def _classifier_job(self, job: dict[str, Any]) -> str:
+        """One shard that is the whole job; the new classifier is announced to every
+        process that shares the model store."""
+
+        def emit(data: dict[str, Any]) -> None:
+            asyncio.ensure_future(self.store.progress(job["id"], data))
+
+        done = await self.classifier_jobs.run(job, emit)
+        if not await self.store.finish_classifier_job(job["id"], done["output"], done["report"]):
+            return "ignored"
+        if self.announce is not None:
+            name, _, version = done["output"].partition(":")
+            await self.announce("install", name, version)
+        return "done"
 
     async def _generate(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:
         spec = GenerateJobCreate.model_validate(job["spec"])

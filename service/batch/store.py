@@ -311,6 +311,30 @@ class JobStore:
         await self._forget_arrays(job_id, await self._arrays_of(job_id))
         return ended
 
+    async def progress(self, job_id: str, data: dict[str, Any]) -> None:
+        """A progress event of a long shard (a classifier job's training)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._event(pipe, job_id, "progress", data)
+            await pipe.execute()
+
+    async def finish_classifier_job(self, job_id: str, output: str, report: dict[str, Any]) -> bool:
+        """End a classifier job with the classifier it made; False if it had ended."""
+        job_key = self.keys.job(job_id)
+
+        async def body(pipe) -> tuple[Any, bool]:
+            state, job_type = await pipe.hmget(job_key, "state", "type")
+            if state is None or state.decode() != "running":
+                return False, False
+            pipe.multi()
+            pipe.sadd(self.keys.job_done(job_id), 0)
+            pipe.hset(job_key, mapping={"output": output, "report": json.dumps(report)})
+            self._finish(pipe, job_id, job_type.decode(), "succeeded", None)
+            return True, True
+
+        ended = await self._transact([job_key], body)
+        await self._forget_arrays(job_id, await self._arrays_of(job_id))
+        return ended
+
     async def fail(self, job_id: str, error: str) -> None:
         await self._end(job_id, "failed", error, only_if=("queued", "running"))
 
@@ -400,8 +424,12 @@ def _decode(raw: dict[bytes, bytes], done: set[int]) -> dict[str, Any]:
         "finished_at": number("finished_at"),
         "error": job.get("error"),
         "owner": job.get("owner", ""),
+        "output": job.get("output"),
+        "report": json.loads(job["report"]) if "report" in job else None,
         "spec": json.loads(job["spec"]),
-        "result": f"/v1/jobs/{job_id}/result" if job["state"] == "succeeded" else None,
+        "result": f"/v1/jobs/{job_id}/result"
+        if job["state"] == "succeeded" and job["type"] in ("generate", "filter")
+        else None,
         "sample_shape": json.loads(job["sample_shape"]),
         "shard_sizes": sizes,
     }

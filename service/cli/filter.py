@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_URL = os.environ.get("IMH_URL", "http://127.0.0.1:8000")
+from service.cli.jobs import JobFailed, add_url_flags, fail, run_job
 
 
 def add_parser(commands) -> None:
@@ -44,20 +41,15 @@ def add_parser(commands) -> None:
         "--output", "-o", type=Path,
         help="the kept candidates, .npy or .safetensors (default: <candidates>.kept.<suffix>)",
     )  # fmt: skip
-    command.add_argument(
-        "--url", default=DEFAULT_URL, help=f"the service (default: $IMH_URL or {DEFAULT_URL})"
-    )
-    command.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_url_flags(command)
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
 
     if not args.candidates.is_file():
-        return _fail(f"no file {args.candidates}", 2)
-    suffix = (
-        args.candidates.suffix if args.candidates.suffix in (".npy", ".safetensors") else ".npy"
-    )
+        return fail("filter", f"no file {args.candidates}", 2)
+    suffix = ".safetensors" if args.candidates.suffix == ".safetensors" else ".npy"
     output = args.output or args.candidates.with_suffix(".kept" + suffix)
     spec = {"type": "filter", "discriminator": args.discriminator, "method": args.method}
     for key in ("calibration", "chain_length", "gamma", "gamma_percentile", "seed"):
@@ -65,20 +57,11 @@ def run(args: argparse.Namespace) -> int:
             spec[key] = getattr(args, key)
     with httpx.Client(base_url=args.url, timeout=httpx.Timeout(30.0, read=None)) as client:
         try:
-            with args.candidates.open("rb") as file:
-                answer = client.post(
-                    "/v1/jobs", data={"job": json.dumps(spec)}, files={"candidates": file}
-                )
-        except httpx.TransportError as error:
-            return _fail(f"cannot reach {args.url}: {error}", 2)
-        if answer.status_code != 201:
-            return _fail(f"the service refused the job ({answer.status_code}): {answer.text}", 2)
-        job = answer.json()
-        headers = {"X-IMH-Job-Token": job["token"]}
-        state = _follow(client, job, headers, args.quiet)
-        job = client.get(f"/v1/jobs/{job['id']}", headers=headers).json()
-        if state != "succeeded":
-            return _fail(f"job {job['id']} {state}: {job.get('error') or ''}", 1)
+            job, headers = run_job(
+                client, spec, {"candidates": args.candidates}, "cand", args.quiet
+            )
+        except JobFailed as error:
+            return fail("filter", str(error), error.code)
         result = client.get(
             f"/v1/jobs/{job['id']}/result",
             headers={**headers, "Accept": "application/x-safetensors"},
@@ -86,22 +69,6 @@ def run(args: argparse.Namespace) -> int:
     kept = _write_kept(args.candidates, result.content, output)
     print(f"job {job['id']}: kept {kept} of {job['counts']['items']} candidates -> {output}")
     return 0
-
-
-def _follow(client, job: dict, headers: dict, quiet: bool) -> str:
-    """Show the job's progress until it ends; returns its final state."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=job["counts"]["items"], unit="cand", disable=quiet)
-    state = job["state"]
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=headers) as events:
-        for name, data in _sse(events.iter_lines()):
-            if name == "progress":
-                bar.update(data["items_done"] - bar.n)
-            elif name == "state":
-                state = data["state"]
-    bar.close()
-    return state
 
 
 def _write_kept(candidates_path: Path, result: bytes, output: Path) -> int:
@@ -135,20 +102,3 @@ def _read(path: Path) -> np.ndarray:
         if name in tensors:
             return tensors[name]
     raise ValueError(f"{path} holds {sorted(tensors)}; name the candidates 'candidates'")
-
-
-def _sse(lines):
-    name, data = None, None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            data = json.loads(line[6:])
-        elif not line and name is not None:
-            yield name, data
-            name, data = None, None
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"imh filter: {message}", file=sys.stderr)
-    return code

@@ -1,4 +1,4 @@
-"""`imh` command line: `imh serve`, `imh worker`, `imh filter`.
+"""`imh` command line: `imh serve`, `imh worker`, `imh filter`, `imh sbn-fit`, `imh prune`.
 
 Every setting (service/settings.py) is a flag of `serve` and `worker`, named after its
 environment variable: IMH_MAX_N is `--max-n`, IMH_ZOO is `--zoo` / `--no-zoo`. Flags
@@ -34,9 +34,11 @@ def parser() -> argparse.ArgumentParser:
     )
     for command in (serve, worker):
         _add_setting_flags(command)
-    from service.cli.filter import add_parser
+    from service.cli import classifier as classifier_cli
+    from service.cli import filter as filter_cli
 
-    add_parser(commands)
+    filter_cli.add_parser(commands)
+    classifier_cli.add_parsers(commands)
     return root
 
 
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "filter":
         from service.cli.filter import run
+
+        return run(args)
+    if args.command in ("sbn-fit", "prune"):
+        from service.cli.classifier import run
 
         return run(args)
     # Defence in depth: nothing in this process may fall back to unrestricted unpickling.

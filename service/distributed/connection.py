@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -70,6 +71,25 @@ class Broker:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    async def announce_model(self, op: str, name: str, version: str, origin: str) -> None:
+        """Tell every process that shares the model store to load (or drop) a version."""
+        message = {"op": op, "name": name, "version": version, "origin": origin}
+        await self.redis.publish(self.keys.models, json.dumps(message))
+
+    async def follow_models(self, apply: Callable[[dict[str, str]], Awaitable[None]]) -> None:
+        """Call `apply(change)` for every announced model change, until cancelled;
+        reconnects when Redis comes back."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.models)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            await apply(json.loads(message["data"]))
+            except (RedisError, OSError) as error:
+                log.warning("model announcements: Redis is unreachable (%s); retrying", error)
+                await asyncio.sleep(1.0)
 
 
 async def retrying(

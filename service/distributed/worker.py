@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,12 +77,10 @@ class Worker:
         *,
         name: str | None = None,
         device: str = "cpu",
-        on_model_change: Callable[[dict[str, str]], Awaitable[None]] | None = None,
     ):
         self.broker, self.redis, self.keys = broker, broker.redis, broker.keys
         self.settings, self.metrics, self.device = settings, metrics, device
         self.handlers = {handler.kind: handler for handler in handlers}
-        self.on_model_change = on_model_change
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.queue = WorkQueue(broker, self.name, settings.claim_idle_s, settings.max_deliveries)
         self.slots = {ONLINE: settings.worker_slots, JOBS: settings.worker_shard_slots}
@@ -99,8 +96,6 @@ class Worker:
         streams = {handler.stream for handler in self.handlers.values()}
         loops = [self._consume(stream) for stream in STREAMS if stream in streams]
         loops += [self._reclaim(), self._keepalive()]
-        if self.on_model_change is not None:
-            loops.append(self._follow_models())
         await asyncio.gather(*loops)
 
     async def stop(self, drain_s: float = 10.0) -> None:
@@ -190,19 +185,6 @@ class Worker:
             except (RedisError, OSError) as error:
                 self._redis_down(error)
             await asyncio.sleep(min(1.0, self.settings.heartbeat_s, self.settings.claim_idle_s / 3))
-
-    async def _follow_models(self) -> None:
-        """Apply the model uploads and deletes the API announces."""
-        while not self._stopping.is_set():
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys.models)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            await self.on_model_change(json.loads(message["data"]))
-            except (RedisError, OSError) as error:
-                self._redis_down(error)
-                await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
         info = {

@@ -73,6 +73,8 @@ def load_model(
         safe_files.refuse_pickle(path, f"{name}/{version}/{file_name}")
     module = _build_module(directory, manifest, f"{name}/{version}", device)
     model = LoadedModel(name, version, source, directory, manifest, module)
+    if isinstance(manifest, ClassifierManifest):
+        _check_classifier(model, device)
     if isinstance(manifest, GeneratorManifest):
         _check_generator(model, device)
         model.real_samples = _real_samples(model, device)
@@ -142,6 +144,28 @@ def _check_generator(model: LoadedModel, device: torch.device) -> None:
             raise BadModelFile(
                 f"{model.ref}: the generator returned {shape} for {batch} latents; "
                 f"the manifest's sample_shape says {expected}"
+            )
+
+
+@torch.inference_mode()
+def _check_classifier(model: LoadedModel, device: torch.device) -> None:
+    """A classifier answers one score per class for batches of 1 and 3 inputs."""
+    manifest: ClassifierManifest = model.manifest
+    for batch in (1, 3):
+        shape = (batch, *manifest.input_shape)
+        try:
+            out = model.module(torch.zeros(shape, device=device))
+        except Exception as error:
+            raise BadModelFile(
+                f"{model.ref}: the classifier fails on inputs of shape {shape} (export it with "
+                f"a dynamic batch dimension and the manifest's input_shape): {error}"
+            ) from None
+        expected = (batch, len(manifest.classes))
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise BadModelFile(
+                f"{model.ref}: the classifier returned {shape} for {batch} inputs; the "
+                f"manifest's {len(manifest.classes)} classes say {expected}"
             )
 
 

@@ -195,6 +195,7 @@ class ClassifierManifest(_Manifest):
     kind: Literal["classifier"]
     classes: list[Any] = Field(min_length=1, max_length=MAX_DIM)
     input_shape: Shape
+    value_range: tuple[float, float] | None = None  # of the inputs; default [0, 1]
     uncertainty: str = "none"
     transform: Literal["sbn"] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)

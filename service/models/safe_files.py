@@ -179,18 +179,42 @@ def _allowed_target(target: str) -> bool:
     return allowed_aten(target)
 
 
-def load_exported(path: Path, shown_name: str, device: torch.device) -> torch.nn.Module:
-    """check_pt2, then torch.export.load(...).module() on `device`."""
+def load_program(path: Path, shown_name: str) -> torch.export.ExportedProgram:
+    """check_pt2, then torch.export.load: the program, on the CPU."""
     check_pt2(path, shown_name)
     try:
-        program = torch.export.load(str(path))
+        return torch.export.load(str(path))
+    except Exception as error:
+        raise BadModelFile(f"{shown_name}: torch.export.load failed: {error}") from None
+
+
+def load_exported(path: Path, shown_name: str, device: torch.device) -> torch.nn.Module:
+    """load_program, then its module on `device`."""
+    program = load_program(path, shown_name)
+    try:
         if device.type != "cpu":
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, device)
-        return program.module()
+        return ExportedModule(program.module())
     except Exception as error:
         raise BadModelFile(f"{shown_name}: torch.export.load failed: {error}") from None
+
+
+class ExportedModule(torch.nn.Module):
+    """An exported program's module. Its train/eval mode was fixed when it was exported
+    (torch refuses to switch it), so switching it here is a no-op: code that puts any
+    model in eval mode before predicting runs on uploaded programs too."""
+
+    def __init__(self, program_module: torch.nn.Module):
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        return self
+
+    def forward(self, *args: Any) -> Any:
+        return self.program(*args)
 
 
 def load_safetensors(path: Path, shown_name: str, device: torch.device) -> dict[str, torch.Tensor]:

@@ -91,3 +91,24 @@ def test_a_deleted_job_is_cancelled_and_forgotten(client):
         assert client.get(f"/v1/jobs/{job['id']}{path}").status_code == 404
     assert job["id"] not in [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_imh_filter_writes_the_kept_candidates_with_indices_and_scores(client, tmp_path):
+    from safetensors.numpy import load_file
+
+    from service.cli.main import main
+
+    candidates = np.random.default_rng(0).normal(size=(3000, 2)).astype(np.float32) * 2
+    np.save(tmp_path / "c.npy", candidates)
+    args = ["filter", str(tmp_path / "c.npy"), "-d", "toy25-d", "--seed", "0",
+            "--url", str(client.base_url), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    kept = np.load(tmp_path / "c.kept.npy")
+    indices = np.load(tmp_path / "c.kept.indices.npy")
+    scores = np.load(tmp_path / "c.kept.scores.npy")
+    assert 0 < len(kept) == len(indices) == len(scores) < len(candidates)
+    np.testing.assert_array_equal(kept, candidates[indices])
+    assert main([*args, "-o", str(tmp_path / "k.safetensors")]) == 0
+    tensors = load_file(tmp_path / "k.safetensors")
+    np.testing.assert_array_equal(tensors["candidates"], kept)
+    np.testing.assert_array_equal(tensors["indices"], indices)

@@ -1,7 +1,10 @@
 """Batch jobs: POST /v1/jobs, GET /v1/jobs[/{id}[/events|/result]], DELETE /v1/jobs/{id}.
 
-A generate job is a JSON body. A filter job uploads its candidates: multipart/form-data
-with a `job` part (the JSON) and a `candidates` file (.npy or .safetensors).
+A generate job is a JSON body. The others upload files, as multipart/form-data with a
+`job` part (the JSON) and:
+- filter: a `candidates` file (.npy or .safetensors);
+- sbn-fit, sbp-prune: a `data` file (safetensors or .npz with x and y), optionally
+  `heldout` (x and y) and `ood` (x).
 
 A job belongs to a token: the one the client sent as X-IMH-Job-Token when it created
 the job, or one the server made and returned in the answer (`token`, shown once). Reading
@@ -46,15 +49,25 @@ LastEventId = Annotated[
 ]
 SAFETENSORS = "application/x-safetensors"
 _JOB = TypeAdapter(JobCreate)
+_FILE = {"type": "string", "format": "binary"}
 _MULTIPART_SCHEMA = {
     "type": "object",
-    "required": ["job", "candidates"],
+    "required": ["job"],
     "additionalProperties": False,
     "properties": {
-        "job": {"$ref": "#/components/schemas/FilterJobCreate"},
-        "candidates": {"type": "string", "format": "binary", "description": ".npy or .safetensors"},
+        "job": {
+            "oneOf": [
+                {"$ref": f"#/components/schemas/{name}"}
+                for name in ("FilterJobCreate", "SbnFitJobCreate", "SbpPruneJobCreate")
+            ]
+        },
+        "candidates": {**_FILE, "description": "filter: .npy or .safetensors, (N, ...)"},
+        "data": {**_FILE, "description": "sbn-fit, sbp-prune: safetensors or .npz, x and y"},
+        "heldout": {**_FILE, "description": "optional held-out x and y for the report"},
+        "ood": {**_FILE, "description": "sbn-fit, optional: out-of-domain x"},
     },
 }
+UPLOADS = ("candidates", "data", "heldout", "ood")
 _BODY = {
     "requestBody": {
         "required": True,
@@ -90,7 +103,8 @@ AccessDep = Annotated[JobAccess, Depends(job_access)]
     "",
     status_code=201,
     response_model=JobCreated,
-    summary="Submit a generate job (JSON) or a filter job (multipart upload)",
+    summary="Submit a generate job (JSON), or a filter, sbn-fit or sbp-prune job "
+    "(multipart upload)",
     openapi_extra=_BODY,
     responses={
         400: {"description": "a multipart form that cannot be parsed (or has extra parts)"},
@@ -106,30 +120,21 @@ async def create_job(request: Request, jobs: JobsDep, access: AccessDep) -> JSON
     access = JobAccess(access.token or new_token(), access.admin)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        async with request.form(max_files=1, max_fields=2, max_part_size=2**20) as form:
+        async with request.form(max_files=3, max_fields=1, max_part_size=2**20) as form:
             spec = _parse(_json(form.get("job"), ("job",)), ("body", "job"))
-            upload = form.get("candidates")
-            if isinstance(spec, GenerateJobCreate):
-                if upload is not None:
-                    raise InvalidRequest("generate jobs take no candidates", ("candidates",))
-                job = await jobs.create_generate(spec, access)
-            else:
-                if not isinstance(upload, UploadFile):
-                    raise InvalidRequest(
-                        "a filter job needs a `candidates` file part", ("candidates",)
-                    )
-                job = await jobs.create_filter(spec, upload.file, access)
+            files = {name: form.get(name) for name in UPLOADS if form.get(name) is not None}
+            job = await _create_with_files(jobs, spec, files, access)
     elif content_type.startswith("application/json") or not content_type:
         spec = _parse(_json(await request.body(), ()), ("body",))
-        if isinstance(spec, FilterJobCreate):
+        if not isinstance(spec, GenerateJobCreate):
             raise InvalidRequest(
-                "filter jobs upload their candidates: send multipart/form-data with a `job` "
-                "part (this JSON) and a `candidates` file",
+                f"{spec.type} jobs upload files: send multipart/form-data with a `job` part "
+                "(this JSON) and the files",
                 ("type",),
             )
         job = await jobs.create_generate(spec, access)
     else:
-        raise HTTPException(415, "send JSON, or multipart/form-data for a filter job")
+        raise HTTPException(415, "send JSON, or multipart/form-data for jobs with files")
     answer = {**_public(job), "token": access.token}
     return JSONResponse(answer, 201, headers={"Location": f"/v1/jobs/{job['id']}"})
 
@@ -232,6 +237,27 @@ async def job_result(
         media_type=SAFETENSORS if as_safetensors else "application/x-npy",
         headers={"Content-Disposition": f'attachment; filename="{job_id}.{suffix}"'},
     )
+
+
+async def _create_with_files(
+    jobs: JobsDep, spec: Any, files: dict[str, Any], access: JobAccess
+) -> dict[str, Any]:
+    wanted = {FilterJobCreate: {"candidates"}, GenerateJobCreate: set()}.get(
+        type(spec), {"data", "heldout", "ood"}
+    )
+    for name, item in files.items():
+        if name not in wanted:
+            raise InvalidRequest(f"{spec.type} jobs take no `{name}` part", (name,))
+        if not isinstance(item, UploadFile):
+            raise InvalidRequest(f"`{name}` must be a file part", (name,))
+    if isinstance(spec, GenerateJobCreate):
+        return await jobs.create_generate(spec, access)
+    if isinstance(spec, FilterJobCreate):
+        if "candidates" not in files:
+            raise InvalidRequest("a filter job needs a `candidates` file part", ("candidates",))
+        return await jobs.create_filter(spec, files["candidates"].file, access)
+    uploads = {name: await item.read() for name, item in files.items()}
+    return await jobs.create_classifier_job(spec, uploads, access)
 
 
 def _json(part: Any, field: tuple[str, ...]) -> Any:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -142,7 +140,7 @@ async def upload_model(request: Request, state: StateDep, _admin: AdminDep) -> M
             )
     finally:
         await form.close()
-    await _announce(state, "install", model.name, model.version)
+    await state.runtime.announce_model("install", model.name, model.version)
     answer = public(model, state.registry)
     return answer.model_copy(update={"warnings": state.registry.missing_partners(model)})
 
@@ -172,7 +170,7 @@ async def delete_model(
     model, removed = await run_in_threadpool(
         registry.remove, name, version, store, settings.allow_zoo_delete
     )
-    await _announce(state, "remove", name, version)
+    await state.runtime.announce_model("remove", name, version)
     if not registry.versions(name):
         state.metrics.forget_model(name)
     detail = (
@@ -183,18 +181,6 @@ async def delete_model(
         name=model.name, version=model.version, kind=model.kind, source=model.source,
         files_removed=removed, detail=detail,
     )  # fmt: skip
-
-
-async def _announce(state: StateDep, op: str, name: str, version: str) -> None:
-    """Distributed mode: workers sharing IMH_MODEL_STORE load or drop the model too."""
-    if not state.runtime.distributed:
-        return
-    message = json.dumps({"op": op, "name": name, "version": version})
-    try:
-        broker = state.runtime.broker
-        await broker.redis.publish(broker.keys.models, message)
-    except (RedisError, OSError) as error:
-        log.warning("could not tell the workers about %s %s:%s: %s", op, name, version, error)
 
 
 def _text(value: Any, field: str) -> str:
