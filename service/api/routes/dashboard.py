@@ -124,6 +124,13 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+# The API reference pages: their own inline start-up script, and nothing from elsewhere
+# (ReDoc's sidebar shows a logo from the vendor's CDN: refused here, it hides itself).
+DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
+    "font-src 'self' data:; frame-ancestors 'none'; base-uri 'none'"
+)
 DASHBOARD_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
     "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
@@ -158,15 +165,17 @@ def _docs_root(request: Request) -> str:
 @router.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = _docs_root(request)
-    return get_swagger_ui_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title=f"{request.app.title} - Swagger UI",
-        swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
-        swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
-        swagger_favicon_url=f"{root}/docs/assets/favicon.png",
-        oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
-        # No badge that would send the document to an online validator.
-        swagger_ui_parameters={"validatorUrl": None},
+    return _docs_page(
+        get_swagger_ui_html(
+            openapi_url=f"{root}{request.app.openapi_url}",
+            title=f"{request.app.title} - Swagger UI",
+            swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs/assets/favicon.png",
+            oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+            # No badge that would send the document to an online validator.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
     )
 
 
@@ -185,13 +194,20 @@ async def docs_asset(name: str, request: Request) -> Response:
 @router.api_route("/redoc", methods=["GET", "HEAD"], include_in_schema=False)
 async def redoc(request: Request) -> HTMLResponse:
     root = _docs_root(request)
-    return get_redoc_html(
-        openapi_url=f"{root}{request.app.openapi_url}",
-        title=f"{request.app.title} - ReDoc",
-        redoc_js_url=f"{root}/docs/assets/redoc.standalone.js",
-        redoc_favicon_url=f"{root}/docs/assets/favicon.png",
-        with_google_fonts=False,
+    return _docs_page(
+        get_redoc_html(
+            openapi_url=f"{root}{request.app.openapi_url}",
+            title=f"{request.app.title} - ReDoc",
+            redoc_js_url=f"{root}/docs/assets/redoc.standalone.js",
+            redoc_favicon_url=f"{root}/docs/assets/favicon.png",
+            with_google_fonts=False,
+        )
     )
+
+
+def _docs_page(page: HTMLResponse) -> HTMLResponse:
+    page.headers.update({**PAGE_HEADERS, "Content-Security-Policy": DOCS_CSP})
+    return page
 
 
 # GET /v1/summary ---------------------------------------------------------------------
@@ -229,7 +245,8 @@ class Sampling(BaseModel):
     accepted_total: float
     acceptance_rate: float | None
     proposals_per_second: float | None = Field(
-        description="over the summaries read in the last ~10 s (null on the first read)"
+        description="since the oldest summary read in the last 10 s, by any client (null: "
+        "no such read; a client can also derive rates from two reads' totals and `at`)"
     )
     active_chains: float
     queued_rows: float
@@ -362,12 +379,13 @@ def _engine_from_heartbeats(beats: list[dict[str, Any]]) -> dict[str, float] | N
 
 
 def _rate(metrics: Any, proposals: float) -> float | None:
-    window = _WINDOWS.setdefault(metrics, _Window(deque()))
+    """Proposals per second since the oldest read of the last RATE_WINDOW_S seconds
+    (any client's), or None when there is no such read."""
+    reads = _WINDOWS.setdefault(metrics, _Window(deque())).reads
     now = time.monotonic()
-    reads = window.reads
-    reads.append((now, proposals))
-    while len(reads) > 2 and now - reads[1][0] >= RATE_WINDOW_S:
+    while reads and now - reads[0][0] > RATE_WINDOW_S:
         reads.popleft()
+    reads.append((now, proposals))
     while len(reads) > 64:
         reads.popleft()
     first_t, first_p = reads[0]

@@ -319,7 +319,7 @@ export class ImageGrid {
     let context;
     if (this.full) {
       context = setupCanvas(this.canvas).context;
-      context.fillStyle = "#f3f4f6";
+      context.fillStyle = "#fff";
       context.fillRect(0, 0, this.canvas.clientWidth || 400, this.canvas.clientHeight || 400);
       this.full = false;
     } else {

@@ -10,6 +10,8 @@ let catalog;
 let charts = null;
 let panels = null;
 let run = null; // the stream running or last run: {body, seed, controller, ...}
+const MAX_KEPT_VALUES = 16 * 2 ** 20; // 64 MiB of float32 kept for the .npy download
+const MAX_PNG_IMAGES = 1024;
 
 const form = () => $("#sample-form");
 const field = (name) => form().querySelector(`[name=${name}]`);
@@ -197,10 +199,12 @@ const stats = {
         ["ESS", fmt(d.ess ?? m.ess)],
         ["elapsed", `${seconds.toFixed(1)} s`],
         ["seed", String(run.seed)],
-        ["generator", d.generator],
-        ["discriminator", d.discriminator],
-        ["calibration", d.calibration],
-        ["steps", d.steps],
+        ["kept for download", run.store.truncated ? `first ${fmt(run.store.chunks.length)} samples (64 MiB)` : null],
+        ["method", run.body.method],
+        ["generator", d.generator || run.body.generator],
+        ["discriminator", d.discriminator || run.body.discriminator],
+        ["calibration", d.calibration || run.body.calibration],
+        ["steps", d.steps || run.body.steps],
         ["diagnostics", d.diagnostics_note],
       ]),
     );
@@ -250,6 +254,7 @@ async function start(event) {
     done: null,
     warnings: new Set(),
     finished: false,
+    store: { chunks: [], values: 0, truncated: false },
   };
   const current = run;
   setRunning(true);
@@ -299,6 +304,7 @@ function handle(current, event) {
   if (event.event === "samples") {
     const samples = event.data.samples || [];
     current.received += samples.length;
+    keep(current, samples);
     panels.stream.add(samples);
     schedule(stats);
   } else if (event.event === "metrics") {
@@ -348,30 +354,81 @@ function stop() {
   if (run && run.controller) run.controller.abort();
 }
 
-async function download(format) {
+// Downloads are what the stream delivered, as the server sent them (float32 values
+// printed exactly): .npy of every sample kept, .png of the image grid or the scatter.
+function keep(current, samples) {
+  const store = current.store;
+  for (const sample of samples) {
+    const values = Array.isArray(sample) ? sample.flat(Infinity) : [sample];
+    if (store.values + values.length > MAX_KEPT_VALUES) {
+      store.truncated = true;
+      return;
+    }
+    store.chunks.push(Float32Array.from(values));
+    store.values += values.length;
+  }
+}
+
+function npyBytes(chunks, shape) {
+  const descr = `{'descr': '<f4', 'fortran_order': False, 'shape': (${shape.join(", ")}${shape.length === 1 ? "," : ""}), }`;
+  const unpadded = 10 + descr.length + 1;
+  const header = descr + " ".repeat((64 - (unpadded % 64)) % 64) + "\n";
+  const head = new Uint8Array(10 + header.length);
+  head.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0], 0); // \x93NUMPY v1.0
+  new DataView(head.buffer).setUint16(8, header.length, true);
+  for (let i = 0; i < header.length; i++) head[10 + i] = header.charCodeAt(i);
+  return new Blob([head, ...chunks], { type: "application/x-npy" });
+}
+
+function gridPng(chunks, shape, valueRange, scale = 4) {
+  const [c, h, w] = shape;
+  const shown = chunks.slice(0, MAX_PNG_IMAGES);
+  const columns = Math.max(1, Math.ceil(Math.sqrt(shown.length)));
+  const rows = Math.max(1, Math.ceil(shown.length / columns));
+  const canvas = document.createElement("canvas");
+  canvas.width = columns * (w * scale + 2);
+  canvas.height = rows * (h * scale + 2);
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#fff";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.imageSmoothingEnabled = false;
+  const tile = document.createElement("canvas");
+  tile.width = w;
+  tile.height = h;
+  const tileContext = tile.getContext("2d");
+  const image = tileContext.createImageData(w, h);
+  const [lo, hi] = valueRange;
+  shown.forEach((values, index) => {
+    for (let p = 0; p < h * w; p++) {
+      for (let k = 0; k < 3; k++) {
+        const v = values[(c >= 3 ? k : 0) * h * w + p];
+        image.data[4 * p + k] = Math.max(0, Math.min(255, Math.round(((v - lo) / (hi - lo || 1)) * 255)));
+      }
+      image.data[4 * p + 3] = 255;
+    }
+    tileContext.putImageData(image, 0, 0);
+    const x = (index % columns) * (w * scale + 2);
+    const y = Math.floor(index / columns) * (h * scale + 2);
+    context.drawImage(tile, x, y, w * scale, h * scale);
+  });
+  return canvas;
+}
+
+function download(format) {
   if (!run) return;
-  const button = format === "npy" ? $("#sample-npy") : $("#sample-png");
+  const store = run.store;
   const name = `${run.body.generator.replace(":", "-")}-${run.body.method}-seed${run.seed}.${format}`;
-  if (format === "png" && panels.display.kind !== "grid") {
-    $("#stream-canvas").toBlob((blob) => saveBlob(blob, name), "image/png");
+  if (!store.chunks.length) {
+    showError($("#sample-error"), "Nothing to download: the stream delivered no samples.");
     return;
   }
-  // The same request and seed in stream mode gives the same samples in one answer.
-  const body = {
-    ...run.body,
-    seed: run.seed,
-    format,
-    params: { ...(run.body.params || {}), mode: "stream" },
-  };
-  if (format === "png") body.png = { scale: 4 };
-  button.disabled = true;
-  try {
-    const response = await request("v1/sample", { method: "POST", json: body });
-    saveBlob(await response.blob(), name);
-  } catch (error) {
-    showError($("#sample-error"), `Download .${format}: ${error.message}`);
-  } finally {
-    button.disabled = false;
+  const shape = run.generator.manifest.sample_shape || [store.chunks[0].length];
+  if (format === "npy") {
+    saveBlob(npyBytes(store.chunks, [store.chunks.length, ...shape]), name);
+  } else if (panels.display.kind === "grid") {
+    gridPng(store.chunks, shape, panels.display.valueRange).toBlob((blob) => saveBlob(blob, name), "image/png");
+  } else {
+    $("#stream-canvas").toBlob((blob) => saveBlob(blob, name), "image/png");
   }
 }
 

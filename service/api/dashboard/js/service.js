@@ -28,7 +28,7 @@ function ensureCharts() {
 function tile(label, value, kind = "", note = "") {
   return el(
     `div.tile${kind ? "." + kind : ""}`,
-    {},
+    { dataset: { tile: label } },
     el("div.tile-label", {}, label),
     el("div.tile-value", {}, value),
     note ? el("div.tile-note", {}, note) : null,
@@ -133,14 +133,14 @@ async function tick() {
     const summary = await getJSON("v1/summary");
     showError($("#service-error"), null);
     let rate = summary.sampling.proposals_per_second;
-    if (previous && summary.at > previous.at) {
+    if (previous && summary.at > previous.at && summary.at - previous.at < 30) {
       const delta = summary.sampling.proposals_total - previous.sampling.proposals_total;
       rate = Math.max(0, delta / (summary.at - previous.at));
     }
     previous = summary;
     if (startedAt === null) startedAt = summary.at;
     const t = summary.at - startedAt;
-    charts.pps.push(t, [rate ?? 0]);
+    charts.pps.push(t, [rate]);
     charts.load.push(t, [summary.sampling.active_chains, summary.sampling.queued_rows]);
     render(summary, rate);
   } catch (error) {
