@@ -114,7 +114,7 @@ class Worker:
                 ids = [m.id for m in unfinished if m.stream == stream]
                 await self.queue.release(stream, ids)
             if unfinished:
-                log.info("handed %d running messages back for other workers", len(unfinished))
+                log.warning("handed %d running messages back for other workers", len(unfinished))
             await self.redis.delete(self.keys.worker(self.name))
             await self.redis.srem(self.keys.workers, self.name)
 
