@@ -94,10 +94,12 @@ def isir_move(generator: Generator, log_ratio: LogRatio, state: Any, noise: Nois
     else:
         target_grid = torch.full(valid.shape, -torch.inf, device=valid.device)
         target_grid[valid] = log_target_new
-    current = state.log_target - log_proposal(state.z, state.scale)
-    fresh = target_grid - log_proposal(z_grid, state.scale[:, None])
+    # Particle 0 is the current state; every weight is log pi - log q, in one pass.
+    z_all = torch.cat([state.z[:, None], z_grid], 1)  # (B, K + 1, d)
+    log_target_all = torch.cat([state.log_target[:, None], target_grid], 1)
+    log_weights = log_target_all - log_proposal(z_all, state.scale[:, None])
     # NaN weighs nothing; +inf becomes the largest float, so it is picked (IMH moves to it).
-    log_weights = torch.cat([current[:, None], fresh], 1).nan_to_num(nan=-torch.inf)
+    log_weights = log_weights.nan_to_num(nan=-torch.inf)
     pick, log_move = _categorical(log_weights, noise)
     moved = pick > 0
     chosen = _flat_index(pick, valid, z_grid.shape[1])
@@ -134,16 +136,16 @@ def _flat_index(pick: torch.Tensor, valid: torch.Tensor | None, width: int) -> t
 def _categorical(log_weights: torch.Tensor, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, index i with probability w_i / sum w, and log(1 - w_0 / sum w).
 
-    A row whose weights are all zero (every score NaN or -inf) stays at index 0.
+    A row whose weights are all zero (every score NaN or -inf) stays at index 0 (its
+    log move probability is NaN, which counts as a rejection). No weight is NaN or +inf.
     """
     top = log_weights.max(1, keepdim=True).values.clamp(min=torch.finfo(log_weights.dtype).min)
-    weights = (log_weights - top).exp().nan_to_num(nan=0.0)
+    weights = (log_weights - top).exp()
     cumulative = weights.cumsum(1)
     total = cumulative[:, -1]
     pick = (cumulative <= (noise.uniform() * total)[:, None]).sum(1)
     pick = pick.clamp(max=weights.shape[1] - 1).masked_fill(total == 0, 0)
-    log_move = torch.log1p(-weights[:, 0] / total)
-    return pick, log_move.nan_to_num(nan=-torch.inf, neginf=-torch.inf)
+    return pick, torch.log1p(-weights[:, 0] / total)
 
 
 def build(generator: Generator, log_ratio: LogRatio) -> Kernel:

@@ -153,7 +153,7 @@ def test_isir_move_probability_and_nan_particles():
     )
     pick, log_move = isir._categorical(log_weights, noise)
     assert pick.tolist()[0] == 0 and pick.tolist()[1] in (1, 2) and pick.tolist()[2] == 0
-    assert log_move[0] == -torch.inf and log_move[1] == 0.0
+    assert log_move[0] == -torch.inf and log_move[1] == 0.0 and log_move[2].isnan()
 
     def nan_for_positive(x):
         return torch.where(x[:, 0] > 0, torch.tensor(float("nan")), TWO_MODES.log_ratio(x))
