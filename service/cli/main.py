@@ -1,4 +1,5 @@
-"""`imh` command line: `imh serve`, `imh worker`, `imh filter`, `imh sbn-fit`, `imh prune`.
+"""`imh` command line: `imh serve`, `imh worker`, `imh filter`, `imh sbn-fit`, `imh prune`,
+`imh settings`.
 
 Every setting (service/settings.py) is a flag of `serve` and `worker`, named after its
 environment variable: IMH_MAX_N is `--max-n`, IMH_ZOO is `--zoo` / `--no-zoo`. Flags
@@ -34,6 +35,13 @@ def parser() -> argparse.ArgumentParser:
     )
     for command in (serve, worker):
         _add_setting_flags(command)
+    shown = commands.add_parser(
+        "settings", help="every setting: variable, default, value now, meaning"
+    )
+    _add_setting_flags(shown)
+    shown.add_argument(
+        "--markdown", action="store_true", help="the README's table: variable, default, meaning"
+    )
     from service.cli import classifier as classifier_cli
     from service.cli import filter as filter_cli
 
@@ -65,6 +73,35 @@ def _add_setting_flags(command: argparse.ArgumentParser) -> None:
             command.add_argument(flag, dest=name, default=None, metavar="VALUE", help=shown)
 
 
+def setting_rows(settings: Settings | None = None) -> list[tuple[str, str, str, str]]:
+    """(variable, default, value in `settings`, meaning) of every setting."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "unset" if name == "admin_token" else field.get_default(call_default_factory=True)
+        if name == "device":
+            default = "cuda if available, else cpu"
+        value = getattr(settings, name, default) if settings is not None else default
+        if name == "admin_token" and value not in (None, "unset"):
+            value = "(set)"
+        rows.append((f"IMH_{name.upper()}", _shown(default), _shown(value), field.description))
+    return rows
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return "" if value == "" else str(value)
+
+
+def markdown_settings() -> str:
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | {default or '(empty)'} | {meaning} |"
+              for name, default, _, meaning in setting_rows()]  # fmt: skip
+    return "\n".join(lines)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings with the given flags over IMH_* variables; raises pydantic.ValidationError."""
     overrides = {
@@ -86,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from service.cli.classifier import run
 
         return run(args)
+    if args.command == "settings":
+        return _print_settings(args)
     # Defence in depth: nothing in this process may fall back to unrestricted unpickling.
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
@@ -123,6 +162,21 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=grace,
     )
+    return 0
+
+
+def _print_settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(markdown_settings())
+        return 0
+    try:
+        settings = settings_from(args)
+    except ValidationError as error:
+        print(f"imh: invalid settings: {error}", file=sys.stderr)
+        return 2
+    for name, default, value, meaning in setting_rows(settings):
+        changed = "" if value == default else f"  (default {default or '(empty)'})"
+        print(f"{name}={value}{changed}\n    {meaning}")
     return 0
 
 
