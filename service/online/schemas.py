@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import annotated_types
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -49,13 +50,9 @@ def _params_model(method: str) -> type[CommonParams]:
     spec = TABLE[method]
     fields: dict[str, Any] = {
         option.name: (
-            option.annotation | None,
-            Field(
-                None,
-                description=f"{option.description} (default: {option.default})",
-                **option.constraints,
-            ),
-        )  # fmt: skip
+            option.constrained(annotated_types.Interval) | None,
+            Field(None, description=f"{option.description} (default: {option.default})"),
+        )
         for option in spec.options
     }
     name = "".join(part.capitalize() for part in method.split("_")) + "Params"
