@@ -2,7 +2,7 @@
 Playwright) against a real `imh serve` process.
 
 The tests skip, naming what is missing, when Chromium or Playwright is not installed.
-`dashboard` is one server for the module, on a port of its own so that a test can stop
+`dashboard` is one server for this package's tests, on a port of its own so that a test can stop
 it and start it again on the same address (a server that restarts under the page).
 Each test gets a fresh browser context (its own sessionStorage, so its own job token)
 whose every request is recorded: `assert_local(page)` checks that nothing went to any
@@ -100,7 +100,7 @@ class Dashboard:
         return httpx.get(f"{self.url}/v1/summary", timeout=10).json()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def dashboard(tmp_path_factory) -> Iterator[Dashboard]:
     _need_browser()
     store = tmp_path_factory.mktemp("dashboard-store")
@@ -119,7 +119,7 @@ def dashboard(tmp_path_factory) -> Iterator[Dashboard]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     _need_browser()
     from playwright.sync_api import sync_playwright

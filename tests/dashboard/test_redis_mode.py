@@ -5,6 +5,7 @@ runs, and streams and jobs go through Redis to the worker."""
 from __future__ import annotations
 
 import secrets
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
@@ -27,15 +28,18 @@ def front_end(redis_url, dashboard, tmp_path_factory):
         "IMH_METRICS_INTERVAL_S": "0.1",
         "IMH_MODEL_STORE": str(folder / "store"),
     }
-    worker = start_server(env, folder / "worker.log", command="worker")
+    # Both start at once: the API turns ready once the worker's heartbeat is in Redis.
+    with ThreadPoolExecutor(2) as pool:
+        worker_start = pool.submit(start_server, env, folder / "worker.log", "worker")
+        api_start = pool.submit(start_server, env, folder / "api.log")
+        wait([worker_start, api_start])
+    started = [f.result() for f in (worker_start, api_start) if f.exception() is None]
     try:
-        api = start_server(env, folder / "api.log")
-    except Exception:
-        stop_server(worker)
-        raise
-    yield api
-    stop_server(api)
-    stop_server(worker)
+        worker_start.result()  # raises when the worker did not start
+        yield api_start.result()
+    finally:
+        for server in started:
+            stop_server(server)
 
 
 def test_the_dashboard_works_over_redis(open_tab, front_end):
@@ -51,10 +55,11 @@ def test_the_dashboard_works_over_redis(open_tab, front_end):
     expect(tab.locator("#sample-form [name=generator] option[value=toy25]")).to_have_count(1)
     tab.select_option("#sample-form [name=generator]", "toy25")
     tab.fill("#sample-form [name=n]", "500")
-    tab.fill("#sample-form [name=steps]", "100")
+    tab.fill("#sample-form [name=steps]", "400")
     tab.fill("#sample-form [name='p.chains']", "32")
     tab.click("#sample-run")
     expect(tab.locator("#sample-status")).to_have_class("status done", timeout=60_000)
+    expect(tab.locator("#sample-status")).not_to_contain_text("the server counted")
     expect(tab.locator("#stream-count")).to_contain_text("500 received")
 
     tab.view("jobs")

@@ -159,32 +159,37 @@ function setupCanvas(canvas) {
 
 const MAX_POINTS = 20000;
 
+// The newest MAX_POINTS points in a ring (x, y pairs in one typed array): adding one is
+// O(1) however many are kept.
 export class ScatterPanel {
   constructor(canvas, shared, color) {
     this.canvas = canvas;
     this.shared = shared;
     this.color = color;
-    this.points = [];
-    this.pending = [];
+    this.ring = new Float32Array(2 * MAX_POINTS);
     shared.panels.add(this);
     this.clear();
   }
 
   clear() {
-    this.points = [];
-    this.pending = [];
+    this.count = 0; // points ever added
+    this.drawn = 0; // points already on the canvas
     this.full = true;
     schedule(this);
   }
 
   add(samples) {
+    const batch = [];
     for (const s of samples) {
-      const p = Array.isArray(s) ? [Number(s[0]), Number(s[1] ?? 0)] : [Number(s), 0];
-      if (this.points.length >= MAX_POINTS) this.points.shift();
-      this.points.push(p);
-      this.pending.push(p);
+      const x = Number(Array.isArray(s) ? s[0] : s);
+      const y = Number(Array.isArray(s) ? (s[1] ?? 0) : 0);
+      const at = 2 * (this.count % MAX_POINTS);
+      this.ring[at] = x;
+      this.ring[at + 1] = y;
+      this.count += 1;
+      batch.push([x, y]);
     }
-    this.shared.include(samples.map((s) => (Array.isArray(s) ? s : [s, 0])));
+    this.shared.include(batch);
     schedule(this);
   }
 
@@ -203,8 +208,7 @@ export class ScatterPanel {
     context.fillStyle = "#6b7280";
     context.font = "11px system-ui, sans-serif";
     context.lineWidth = 1;
-    const ticks = niceTicks(r[0], r[1], 5);
-    for (const t of ticks) {
+    for (const t of niceTicks(r[0], r[1], 5)) {
       const x = this.sx(t, width);
       context.beginPath();
       context.moveTo(x, 0);
@@ -234,25 +238,26 @@ export class ScatterPanel {
   }
 
   draw() {
-    let context;
-    let points;
     const width = this.canvas.clientWidth || 400;
     const height = this.canvas.clientHeight || 400;
+    let context;
     if (this.full) {
       context = this.frame();
-      points = this.points;
+      this.drawn = Math.max(0, this.count - MAX_POINTS);
       this.full = false;
     } else {
       context = this.canvas.getContext("2d");
-      points = this.pending;
+      this.drawn = Math.max(this.drawn, this.count - MAX_POINTS);
     }
-    this.pending = [];
     if (!this.shared.range) return;
     context.fillStyle = this.color;
     context.globalAlpha = 0.55;
-    for (const p of points) {
-      context.fillRect(this.sx(p[0], width) - 1.25, this.sy(p[1], height) - 1.25, 2.5, 2.5);
+    const ring = this.ring;
+    for (let i = this.drawn; i < this.count; i++) {
+      const at = 2 * (i % MAX_POINTS);
+      context.fillRect(this.sx(ring[at], width) - 1.25, this.sy(ring[at + 1], height) - 1.25, 2.5, 2.5);
     }
+    this.drawn = this.count;
     context.globalAlpha = 1;
   }
 }

@@ -12,6 +12,7 @@ let panels = null;
 let run = null; // the stream running or last run: {body, seed, controller, ...}
 const MAX_KEPT_VALUES = 16 * 2 ** 20; // 64 MiB of float32 kept for the .npy download
 const MAX_PNG_IMAGES = 1024;
+const BLOCK_VALUES = 1 << 18; // kept samples live in float32 blocks of this many values
 
 const form = () => $("#sample-form");
 const field = (name) => form().querySelector(`[name=${name}]`);
@@ -158,6 +159,7 @@ function ensureCharts() {
 
 function preparePanels(generator) {
   const display = displayKind(generator.manifest);
+  $("#fid-note").textContent = generator.manifest.features ? `(features: ${generator.manifest.features})` : "(none: this generator names no features model)";
   const rawCanvas = $("#raw-canvas");
   const streamCanvas = $("#stream-canvas");
   if (display.kind === "grid") {
@@ -181,8 +183,24 @@ function preparePanels(generator) {
   }
 }
 
+// The numbers beside the plots: redrawn at most every STATS_MS (an animation frame).
+const STATS_MS = 250;
+let statsDrawnAt = 0;
+let statsTimer = null;
+function scheduleStats() {
+  const wait = statsDrawnAt + STATS_MS - performance.now();
+  if (wait <= 0) schedule(stats);
+  else if (statsTimer === null) {
+    statsTimer = setTimeout(() => {
+      statsTimer = null;
+      schedule(stats);
+    }, wait);
+  }
+}
+
 const stats = {
   draw() {
+    statsDrawnAt = performance.now();
     if (!run) return;
     const m = run.metrics || {};
     const d = run.done || {};
@@ -199,7 +217,7 @@ const stats = {
         ["ESS", fmt(d.ess ?? m.ess)],
         ["elapsed", `${seconds.toFixed(1)} s`],
         ["seed", String(run.seed)],
-        ["kept for download", run.store.truncated ? `first ${fmt(run.store.chunks.length)} samples (64 MiB)` : null],
+        ["kept for download", run.store.truncated ? `first ${fmt(run.store.count)} samples (64 MiB)` : null],
         ["method", run.body.method],
         ["generator", d.generator || run.body.generator],
         ["discriminator", d.discriminator || run.body.discriminator],
@@ -254,7 +272,7 @@ async function start(event) {
     done: null,
     warnings: new Set(),
     finished: false,
-    store: { chunks: [], values: 0, truncated: false },
+    store: { blocks: [], values: 0, count: 0, truncated: false },
   };
   const current = run;
   setRunning(true);
@@ -306,7 +324,7 @@ function handle(current, event) {
     current.received += samples.length;
     keep(current, samples);
     panels.stream.add(samples);
-    schedule(stats);
+    scheduleStats();
   } else if (event.event === "metrics") {
     const m = event.data;
     current.metrics = m;
@@ -315,13 +333,14 @@ function handle(current, event) {
     charts.pps.push(t, [m.proposals_per_second]);
     charts.fid.push(t, [m.fid]);
     charts.rhat.push(t, [m.r_hat, m.ess]);
-    schedule(stats);
+    scheduleStats();
   } else if (event.event === "done") {
     current.done = event.data;
     current.warnings = new Set(event.data.warnings || []);
     if (event.data.r_hat != null || event.data.ess != null) charts.rhat.push(t, [event.data.r_hat, event.data.ess]);
     charts.acc.push(t, [event.data.acceptance_rate]);
-    status(`done: ${fmt(current.received)} samples in ${event.data.seconds.toFixed(2)} s`, "done");
+    const counted = event.data.n !== undefined && event.data.n !== current.received ? ` (the server counted ${fmt(event.data.n)})` : "";
+    status(`done: ${fmt(current.received)} samples in ${event.data.seconds.toFixed(2)} s${counted}`, "done");
     schedule(stats);
   } else if (event.event === "error") {
     current.failed = true;
@@ -359,14 +378,25 @@ function stop() {
 function keep(current, samples) {
   const store = current.store;
   for (const sample of samples) {
-    const values = Array.isArray(sample) ? sample.flat(Infinity) : [sample];
+    const values = Array.isArray(sample) ? (Array.isArray(sample[0]) ? sample.flat(Infinity) : sample) : [sample];
     if (store.values + values.length > MAX_KEPT_VALUES) {
       store.truncated = true;
       return;
     }
-    store.chunks.push(Float32Array.from(values));
+    let block = store.blocks[store.blocks.length - 1];
+    if (!block || block.used + values.length > block.data.length) {
+      block = { data: new Float32Array(Math.max(BLOCK_VALUES, values.length)), used: 0 };
+      store.blocks.push(block);
+    }
+    block.data.set(values, block.used);
+    block.used += values.length;
     store.values += values.length;
+    store.count += 1;
   }
+}
+
+function keptChunks(store) {
+  return store.blocks.map((block) => block.data.subarray(0, block.used));
 }
 
 function npyBytes(chunks, shape) {
@@ -380,9 +410,17 @@ function npyBytes(chunks, shape) {
   return new Blob([head, ...chunks], { type: "application/x-npy" });
 }
 
-function gridPng(chunks, shape, valueRange, scale = 4) {
+function gridPng(store, shape, valueRange, scale = 4) {
   const [c, h, w] = shape;
-  const shown = chunks.slice(0, MAX_PNG_IMAGES);
+  const size = c * h * w;
+  const flat = new Float32Array(Math.min(store.count, MAX_PNG_IMAGES) * size);
+  let offset = 0;
+  for (const chunk of keptChunks(store)) {
+    const take = Math.min(chunk.length, flat.length - offset);
+    flat.set(chunk.subarray(0, take), offset);
+    offset += take;
+  }
+  const shown = Array.from({ length: flat.length / size }, (_, i) => flat.subarray(i * size, (i + 1) * size));
   const columns = Math.max(1, Math.ceil(Math.sqrt(shown.length)));
   const rows = Math.max(1, Math.ceil(shown.length / columns));
   const canvas = document.createElement("canvas");
@@ -418,15 +456,15 @@ function download(format) {
   if (!run) return;
   const store = run.store;
   const name = `${run.body.generator.replace(":", "-")}-${run.body.method}-seed${run.seed}.${format}`;
-  if (!store.chunks.length) {
+  if (!store.count) {
     showError($("#sample-error"), "Nothing to download: the stream delivered no samples.");
     return;
   }
-  const shape = run.generator.manifest.sample_shape || [store.chunks[0].length];
+  const shape = run.generator.manifest.sample_shape || [store.values / store.count];
   if (format === "npy") {
-    saveBlob(npyBytes(store.chunks, [store.chunks.length, ...shape]), name);
+    saveBlob(npyBytes(keptChunks(store), [store.count, ...shape]), name);
   } else if (panels.display.kind === "grid") {
-    gridPng(store.chunks, shape, panels.display.valueRange).toBlob((blob) => saveBlob(blob, name), "image/png");
+    gridPng(store, shape, panels.display.valueRange).toBlob((blob) => saveBlob(blob, name), "image/png");
   } else {
     $("#stream-canvas").toBlob((blob) => saveBlob(blob, name), "image/png");
   }
