@@ -161,6 +161,23 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def engine_totals(self) -> dict[str, float]:
+        """This process's engine counters summed over models and methods: proposals,
+        accepted, active chains and queued rows (a worker's heartbeat carries them)."""
+        names = {
+            "proposals": "imh_proposals_total",
+            "accepted": "imh_accepted_total",
+            "active_chains": "imh_active_chains",
+            "queued_rows": "imh_queued_rows",
+        }
+        totals = dict.fromkeys(names, 0.0)
+        for family in self.registry.collect():
+            for sample in family.samples:
+                for key, name in names.items():
+                    if sample.name == name:
+                        totals[key] += sample.value
+        return totals
+
     def forget_model(self, name: str) -> None:
         """Drop every series labelled with model `name` (its last version was deleted)."""
         # prometheus_client keeps a metric's children by label values; it has no public

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +130,9 @@ class ShardRunner:
         spec = GenerateJobCreate.model_validate(job["spec"])
         rows = job["shard_sizes"][shard]
         body = spec.shard_request(rows, shard_seed(spec.seed, shard))
-        resolved = await self.sampling.resolve(body, stream=False)
         # Shards step in the bulk lane: online requests never wait for their steps.
-        samples, stats = await self.sampling.sample(replace(resolved, lane="bulk"))
-        return samples.float().numpy(), stats["proposals"], stats["accepted"]
+        answer = await self.sampling.sample(body, bulk=True)
+        return answer.samples.float().numpy(), answer.stats["proposals"], answer.stats["accepted"]
 
     async def _score(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:
         spec = FilterJobCreate.model_validate(job["spec"])

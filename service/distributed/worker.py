@@ -191,6 +191,7 @@ class Worker:
             "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
             "device": self.device, "at": time.time(),
             "running": {stream: self.busy(stream) for stream in STREAMS},
+            "engine": self.metrics.engine_totals(),  # for the API's summary
         }  # fmt: skip
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.worker(self.name), json.dumps(info),

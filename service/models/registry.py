@@ -51,6 +51,7 @@ class Registry:
         self.device = device
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._write_lock = threading.Lock()  # writers copy the table; readers never lock
+        self._load_lock = threading.Lock()
         self.load_errors: dict[str, str] = {}  # folder -> why it was skipped
         # A worker's copy of IMH_MODEL_STORE, shared with the API: exact versions that are
         # not loaded yet are loaded from it on first use.
@@ -71,7 +72,7 @@ class Registry:
             candidates = self.versions(name)
             model = candidates[-1] if candidates else None
         else:
-            model = self._models.get((name, version)) or self._load_missing(name, version)
+            model = self._models.get((name, version))
         if model is None:
             known = sorted({m.name for m in self._models.values() if kind in (None, m.kind)})
             raise ModelNotFound(f"no model {ref!r} is loaded; loaded: {known}")
@@ -79,19 +80,25 @@ class Registry:
             raise ModelNotFound(f"{model.ref} is a {model.kind}, not a {kind}")
         return model
 
-    def _load_missing(self, name: str, version: str) -> LoadedModel | None:
-        """A worker asked for an exact version the API already knows: load it from the
-        shared store now, rather than wait for (or miss) the API's announcement."""
-        store = self.shared_store
-        if store is None or not (valid_name(name) and valid_name(version)):
-            return None
-        if not (store / name / version / "manifest.json").is_file():
-            return None
-        try:
-            return self.load_one(store, name, version, "store")
-        except Exception as error:  # noqa: BLE001 - the caller reports the model as missing
-            log.warning("could not load %s:%s from the shared store: %s", name, version, error)
-            return None
+    def load_missing(self, refs: list[str | None]) -> bool:
+        """Load the exact versions among `refs` ("name:version") that are not loaded but
+        lie in the shared store (a worker asked for versions the API already knows);
+        returns whether any was loaded. Slow: run it off the event loop."""
+        loaded = False
+        for ref in refs:
+            name, version = split_ref(ref or "")
+            if self.shared_store is None or version is None or (name, version) in self._models:
+                continue
+            if not (valid_name(name) and valid_name(version)):
+                continue
+            if not (self.shared_store / name / version / "manifest.json").is_file():
+                continue
+            try:
+                self.load_one(self.shared_store, name, version, "store")
+                loaded = True
+            except Exception as error:  # noqa: BLE001 - the caller reports the model as missing
+                log.warning("could not load %s from the shared store: %s", ref, error)
+        return loaded
 
     def discriminators_for(self, generator: LoadedModel, input: str) -> list[LoadedModel]:
         """Latest versions of the discriminators of `input` kind registered for a generator."""
@@ -135,7 +142,7 @@ class Registry:
             if not (valid_name(name) and valid_name(version)):
                 continue  # staging folders and stray files are not models
             try:
-                self._put(load_model(folder, name, version, source, self.device))
+                self._put(self._load(folder, name, version, source))
                 loaded += 1
             except Exception as error:  # noqa: BLE001 - one bad model must not stop the rest
                 message = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
@@ -147,7 +154,7 @@ class Registry:
         """(Re)load one <root>/<name>/<version>/ folder, e.g. after another process wrote it."""
         if not (valid_name(name) and valid_name(version)):
             raise BadModelFile(f"name and version must match {NAME_PATTERN}")
-        model = load_model(root / name / version, name, version, source, self.device)
+        model = self._load(root / name / version, name, version, source)
         self._put(model)
         return model
 
@@ -183,7 +190,7 @@ class Registry:
             try:
                 for file_name, path in files.items():
                     shutil.copyfile(path, staging / file_name)
-                model = load_model(staging, name, version, "store", self.device)
+                model = self._load(staging, name, version, "store")
                 if target.exists():
                     shutil.rmtree(target)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +230,12 @@ class Registry:
                     folder.parent.rmdir()  # only if no other version is left
                 return model, True
         return model, False
+
+    def _load(self, folder: Path, name: str, version: str, source: str) -> LoadedModel:
+        # One load at a time: torch.export.load keeps global state while it reads a
+        # program, so two threads loading at once break each other.
+        with self._load_lock:
+            return load_model(folder, name, version, source, self.device)
 
     def _put(self, model: LoadedModel, locked: bool = False) -> None:
         if not locked:

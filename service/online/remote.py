@@ -30,7 +30,7 @@ from service.distributed.codec import unpack
 from service.distributed.connection import BLOCK_MS, Broker, Health
 from service.distributed.keys import ONLINE
 from service.errors import ModelNotFound, Unavailable, error_from
-from service.online.backend import Event
+from service.online.backend import Event, Sampled, Streaming
 from service.online.resolve import Resolved
 from service.online.schemas import SampleCreate, request_dict
 from service.online.service import SamplingService
@@ -55,7 +55,8 @@ class RemoteSampling:
     async def resolve(self, body: SampleCreate, stream: bool) -> Resolved:
         return await self.local.resolve(body, stream)
 
-    async def sample(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
+    async def sample(self, body: SampleCreate, bulk: bool = False) -> Sampled:
+        resolved = await self.local.resolve(body, stream=False)
         request_id = await self._submit(resolved)
         batches, stats, finished = [], None, False
         try:
@@ -65,15 +66,17 @@ class RemoteSampling:
                 elif name == "done":
                     stats, finished = data, True
             shape = resolved.generator.manifest.sample_shape
-            return (torch.cat(batches) if batches else torch.empty(0, *shape)), stats
+            samples = torch.cat(batches) if batches else torch.empty(0, *shape)
+            return Sampled(resolved, samples, stats)
         finally:
             if not finished:  # the client left: free the chains now
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.delete(self.keys.lease(request_id))
 
-    async def events(self, resolved: Resolved) -> tuple[str | None, AsyncIterator[Event]]:
+    async def events(self, body: SampleCreate) -> Streaming:
+        resolved = await self.local.resolve(body, stream=True)
         request_id = await self._submit(resolved)
-        return request_id, self._relay(request_id, "0", errors_as_events=True)
+        return Streaming(resolved, request_id, self._relay(request_id, "0", errors_as_events=True))
 
     async def resume(self, request_id: str, last_event_id: str) -> AsyncIterator[Event]:
         if not await self._call(lambda: self.redis.exists(self.keys.request(request_id))):

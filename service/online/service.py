@@ -4,8 +4,8 @@ collect. The `SamplingBackend` of embedded mode and of every `imh worker`.
 No FastAPI here; errors are `service.errors` types.
 
 Example:
-    >>> resolved = await service.resolve(SampleCreate(generator="toy25", n=16), stream=False)
-    >>> samples, stats = await service.sample(resolved)
+    >>> answer = await service.sample(SampleCreate(generator="toy25", n=16))
+    >>> answer.samples.shape, answer.stats["acceptance_rate"]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from samplers.methods import TABLE
 from service.errors import EngineFailure, InvalidRequest, ModelNotFound, ServiceError, error_from
 from service.metrics import Metrics
 from service.models.registry import Registry
-from service.online.backend import Event
+from service.online.backend import Event, Sampled, Streaming
 from service.online.chains import (
     SEED_BLOCK_ROWS,
     BlockOutcome,
@@ -57,14 +58,39 @@ class SamplingService:
 
     async def resolve(self, body: SampleCreate, stream: bool) -> Resolved:
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        resolved = resolve(self.registry, body, seed, stream, self.limits)
+        try:
+            resolved = resolve(self.registry, body, seed, stream, self.limits)
+        except ModelNotFound:
+            # A worker asked for versions its front end knows: load them from the shared
+            # store rather than wait for (or miss) the announcement.
+            pinned = [body.generator, body.discriminator]
+            if not await asyncio.to_thread(self.registry.load_missing, pinned):
+                raise
+            resolved = resolve(self.registry, body, seed, stream, self.limits)
         models_key = resolved.key[:2] + resolved.key[4:]
         if resolved.discriminator is not None and models_key not in self._compatible:
             await asyncio.to_thread(check_shapes, resolved, self.registry.device)
             self._compatible.add(models_key)
         return resolved
 
-    async def sample(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
+    async def sample(self, body: SampleCreate, bulk: bool = False) -> Sampled:
+        resolved = await self.resolve(body, stream=False)
+        if bulk:
+            resolved = replace(resolved, lane="bulk")  # job shards: never beside online work
+        samples, stats = await self._final(resolved)
+        return Sampled(resolved, samples, stats)
+
+    async def events(self, body: SampleCreate) -> Streaming:
+        resolved = await self.resolve(body, stream=True)
+        [block] = self._submit(resolved)
+        return Streaming(resolved, None, self._events(resolved, block))
+
+    async def resume(self, request_id: str, last_event_id: str) -> AsyncIterator[Event]:
+        raise ModelNotFound("streams resume in distributed mode only (IMH_REDIS_URL)")
+
+    # Helpers -------------------------------------------------------------------------
+
+    async def _final(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
         started = time.monotonic()
         if resolved.stream:  # stream mode through the JSON path: collect what streams
             return await self._collect(resolved)
@@ -82,19 +108,10 @@ class SamplingService:
         _check_strict(resolved, stats)
         return samples, stats
 
-    async def events(self, resolved: Resolved) -> tuple[str | None, AsyncIterator[Event]]:
-        [block] = self._submit(resolved)
-        return None, self._events(resolved, block)
-
-    async def resume(self, request_id: str, last_event_id: str) -> AsyncIterator[Event]:
-        raise ModelNotFound("streams resume in distributed mode only (IMH_REDIS_URL)")
-
-    # Helpers -------------------------------------------------------------------------
-
     async def _collect(self, resolved: Resolved) -> tuple[torch.Tensor, dict[str, Any]]:
         batches, stats = [], None
-        _, events = await self.events(resolved)
-        async with contextlib.aclosing(events):
+        [block] = self._submit(resolved)
+        async with contextlib.aclosing(self._events(resolved, block)) as events:
             async for name, data, _ in events:
                 if name == "samples":
                     batches.append(data)

@@ -48,12 +48,11 @@ class OnlineWork:
             return  # a previous delivery finished it
         try:
             body = SampleCreate.model_validate_json(message.fields["body"])
-            resolved = await self.sampling.resolve(body, stream=mode == "stream")
             if mode == "final":
-                samples, stats = await self.sampling.sample(resolved)
-                await self._write_final(key, samples.numpy(), stats)
+                answer = await self.sampling.sample(body)
+                await self._write_final(key, answer.samples.numpy(), answer.stats)
             else:
-                await self._write_stream(key, resolved, skip=written)
+                await self._write_stream(key, body, skip=written)
         except ServiceError as error:
             await self._write(key, [_entry("error", error.wire(), written)])
         except Exception as error:  # noqa: BLE001 - the client must hear of it, and no one else can
@@ -85,9 +84,9 @@ class OnlineWork:
             return None
         return int(fields.get(b"total", 0))
 
-    async def _write_stream(self, key: str, resolved: Any, skip: int) -> None:
+    async def _write_stream(self, key: str, body: SampleCreate, skip: int) -> None:
         total = 0
-        _, events = await self.sampling.events(resolved)
+        events = (await self.sampling.events(body)).events
         async with contextlib.aclosing(events):
             async for name, data, _ in events:
                 if name == "samples":

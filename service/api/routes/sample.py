@@ -47,8 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     },
 )
 async def sample(body: SampleCreate, service: SamplingDep, request: Request) -> Response:
-    resolved = await service.resolve(body, stream=False)
-    samples, stats = await _unless_disconnected(request, service.sample(resolved))
+    resolved, samples, stats = await _unless_disconnected(request, service.sample(body))
     if body.format == "json":
         content = await _encode(samples.numel(), encoding.samples_json, samples, stats)
         return Response(content, media_type="application/json")
@@ -114,12 +113,11 @@ class EventStreamResponse(StreamingResponse):
 async def sample_stream(
     body: SampleCreate, service: SamplingDep, accept: Annotated[str | None, Header()] = None
 ) -> EventStreamResponse:
-    resolved = await service.resolve(body, stream=True)
+    stream = await service.events(body)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    request_id, events = await service.events(resolved)
-    if request_id is not None:  # events carry Redis stream ids: resumable
-        headers["X-IMH-Request-Id"] = request_id
-    return _stream_response(events, accept, headers)
+    if stream.request_id is not None:  # events carry Redis stream ids: resumable
+        headers["X-IMH-Request-Id"] = stream.request_id
+    return _stream_response(stream.events, accept, headers)
 
 
 @router.get(
