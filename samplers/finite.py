@@ -67,6 +67,7 @@ class FilterResult(NamedTuple):
     final: np.ndarray  # (C,) int64: MH: each chain's last state (-1: no chain); DRS: accepted
     acceptance_rate: float  # accepted / proposals; a chain's start is not a proposal
     moved: np.ndarray | None = None  # (C,) bool: MH: the chain left its start; DRS: all True
+    proposals: int = 0  # MH: candidates after their chain's start; DRS: every candidate
 
 
 def mh_filter(log_ratio: np.ndarray | torch.Tensor, chain_length: int, seed: int) -> FilterResult:
@@ -97,7 +98,7 @@ def mh_filter(log_ratio: np.ndarray | torch.Tensor, chain_length: int, seed: int
     proposals = int((block_end - position[starts] - 1).sum())
     rate = float(accepted.sum()) / proposals if proposals else math.nan
     moved = _blocks(accepted, length, chains).any(axis=1)
-    return FilterResult(accepted, state, state[last], rate, moved)
+    return FilterResult(accepted, state, state[last], rate, moved, proposals)
 
 
 def _blocks(values: np.ndarray, length: int, chains: int) -> np.ndarray:
@@ -140,8 +141,9 @@ def drs_filter(
     state = np.where(accepted, np.arange(len(accepted), dtype=np.int64), -1)
     final = np.flatnonzero(accepted)
     return FilterResult(
-        accepted, state, final, float(accepted.mean()), np.ones(len(final), dtype=bool)
-    )
+        accepted, state, final, float(accepted.mean()), np.ones(len(final), dtype=bool),
+        len(accepted),
+    )  # fmt: skip
 
 
 def _moves(log_u, proposed, current):

@@ -169,8 +169,9 @@ class ShardRunner:
             "log_ratio": log_ratio.astype(np.float32),
             "final": np.asarray(result.final, dtype=np.int64),
         }
+        # The job's acceptance rate is the chains' own: a chain's start is no proposal.
         accepted = int(result.accepted.sum())
-        await self.store.finish_filter(job["id"], arrays, accepted, len(log_ratio))
+        await self.store.finish_filter(job["id"], arrays, accepted, result.proposals)
 
 
 def filter_log_ratio(registry: Registry, spec: FilterJobCreate):

@@ -229,6 +229,7 @@ def test_filter_job_returns_the_chain_s_indices_and_calibrated_scores(cluster):
     np.testing.assert_array_equal(tensors["indices"], np.flatnonzero(chain.accepted))
     np.testing.assert_array_equal(tensors["final"], chain.final)
     assert job["counts"]["accepted"] == len(tensors["indices"])
+    assert job["counts"]["acceptance_rate"] == pytest.approx(chain.acceptance_rate)
     default = np.load(io.BytesIO(cluster.client.get(f"/v1/jobs/{job['id']}/result").content))
     np.testing.assert_array_equal(default, tensors["indices"])  # npy: the indices
 
@@ -329,7 +330,8 @@ def test_an_uploaded_model_reaches_the_workers_that_share_the_store(redis_url, t
             time.sleep(0.1)
         assert answer.status_code == 200, answer.text
         assert answer.json()["stats"]["generator"] == "mygan:1"
-        assert small.client.get("/readyz").status_code == 200  # a generator now exists
+        ready = small.client.get("/readyz")
+        assert ready.status_code == 200, ready.text  # a generator now exists
         removed = small.client.delete("/v1/models/mygan-d/1", headers=admin)
         assert removed.status_code == 200
         gone = small.client.post("/v1/sample", json=body)  # the API no longer knows it

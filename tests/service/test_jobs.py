@@ -8,6 +8,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load as load_safetensors
 
 from tests.service.conftest import metric
@@ -60,6 +61,7 @@ def test_a_drs_filter_job_keeps_what_exact_rejection_keeps(client):
 
     expected = drs_filter(scores.astype(np.float64), 1)
     np.testing.assert_array_equal(kept, np.flatnonzero(expected.accepted))
+    assert job["counts"]["acceptance_rate"] == pytest.approx(expected.acceptance_rate)
     assert client.get(job["result"], params={"array": "nope"}).status_code == 422
 
 
