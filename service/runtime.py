@@ -57,7 +57,7 @@ class Runtime:
         self.distributed = settings.redis_url is not None
         self.metrics = Metrics()
         device = torch.device(settings.device)
-        self.registry = Registry(device)
+        self.registry = Registry(device, compile=settings.compile)
         if role == "worker":
             self.registry.shared_store = settings.model_store.resolve()
         self.engine = Engine(

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         "and deletes refused); 16+ characters unless env is development",
     )  # fmt: skip
     max_upload_bytes: int = Field(512 * MiB, ge=1, description="bytes of one model or job upload")
+    compile: bool = Field(
+        False, description="run generators, discriminators, proposals and features "
+        "torch.compile'd where that was faster at load (a manifest's \"compile\" wins); "
+        "loading takes longer",
+    )  # fmt: skip
 
     # HTTP -----------------------------------------------------------------------------
     max_body_bytes: int = Field(

@@ -20,6 +20,13 @@ class ModelPublic(BaseModel):
     warnings: list[str] = Field(
         default_factory=list, description="what will not work yet (an upload's missing partner)"
     )
+    compiled: bool = Field(
+        False, description="runs torch.compile'd code (IMH_COMPILE or the manifest's compile)"
+    )
+    compile_note: str | None = Field(
+        None, description="where it runs eager instead, and why: a failed or mismatched "
+        "compile, or the warm-up sizes where compiled was not faster",
+    )  # fmt: skip
 
 
 class ModelsPublic(BaseModel):

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from service.errors import BadModelFile
 from service.models import safe_files
+from service.models.compiled import compile_model
 from service.models.manifests import (
     ClassifierManifest,
     DiscriminatorManifest,
@@ -48,6 +49,8 @@ class LoadedModel:
     real_samples: torch.Tensor | None = None  # generator: chain starts only, never returned
     reference: Any = None  # generator: evaluation.FrechetReference for the running FID
     calibrators: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    compiled: bool = False  # `module` runs torch.compile'd code (service.models.compiled)
+    compile_note: str | None = None  # where it runs eager instead, and why
 
     @property
     def kind(self) -> str:
@@ -60,9 +63,15 @@ class LoadedModel:
 
 
 def load_model(
-    directory: Path, name: str, version: str, source: str, device: torch.device
+    directory: Path,
+    name: str,
+    version: str,
+    source: str,
+    device: torch.device,
+    compile: bool = False,
 ) -> LoadedModel:
-    """Read, check and build the model in `directory`."""
+    """Read, check and build the model in `directory`; `compile` is IMH_COMPILE (the
+    manifest's own "compile" wins)."""
     manifest = read_manifest(directory / "manifest.json", f"{name}/{version}/manifest.json")
     for file_name in manifest.files():
         path = directory / file_name
@@ -81,6 +90,8 @@ def load_model(
         model.reference = _reference(model)
     elif isinstance(manifest, DiscriminatorManifest):
         model.calibrators = _calibrators(model)
+    outcome = compile_model(model.module, manifest, model.ref, device, compile)
+    model.module, model.compiled, model.compile_note = outcome
     return model
 
 

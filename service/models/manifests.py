@@ -93,6 +93,9 @@ class _Manifest(BaseModel):
     architecture: str | None = None  # zoo
     config: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
+    # Generators, discriminators, proposals, features: true compiles with torch.compile
+    # wherever warmed, false never; unset follows IMH_COMPILE (service.models.compiled).
+    compile: bool | None = None
 
     @field_validator("config")
     @classmethod

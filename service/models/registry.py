@@ -47,8 +47,9 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 
 class Registry:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, compile: bool = False):
         self.device = device
+        self.compile = compile  # IMH_COMPILE: models run torch.compile'd where it pays
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._write_lock = threading.Lock()  # writers copy the table; readers never lock
         self._load_lock = threading.Lock()
@@ -235,7 +236,7 @@ class Registry:
         # One load at a time: torch.export.load keeps global state while it reads a
         # program, so two threads loading at once break each other.
         with self._load_lock:
-            return load_model(folder, name, version, source, self.device)
+            return load_model(folder, name, version, source, self.device, self.compile)
 
     def _put(self, model: LoadedModel, locked: bool = False) -> None:
         if not locked:

@@ -62,6 +62,8 @@ def public(model: LoadedModel, registry: Registry) -> ModelPublic:
         latest=bool(versions) and versions[-1] is model,
         calibrations=calibrations,
         manifest=model.manifest.public(),
+        compiled=model.compiled,
+        compile_note=model.compile_note,
     )
 
 
