@@ -55,9 +55,17 @@ def run(args: argparse.Namespace) -> int:
             spec[key] = getattr(args, key)
     with httpx.Client(base_url=args.url, timeout=httpx.Timeout(30.0, read=None)) as client:
         try:
-            job, _ = run_job(client, spec, files, "%", args.quiet)
+            job, _ = run_job(client, spec, files, args.quiet)
         except JobFailed as error:
             return fail(args.command, str(error), error.code)
-    print(json.dumps(job["report"], indent=2))
-    print(f"job {job['id']}: new classifier {job['output']}")
+    print(json.dumps(_summary(job["report"]), indent=2))
+    print(f"job {job['id']}: new classifier {job['output']} (GET /v1/classifiers/{job['output']})")
     return 0
+
+
+def _summary(report: dict) -> dict:
+    """The report without its training history and settings (the full one is served with
+    the new classifier)."""
+    if isinstance(report, dict):
+        return {k: _summary(v) for k, v in report.items() if k not in ("history", "settings")}
+    return report

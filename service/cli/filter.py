@@ -57,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
             spec[key] = getattr(args, key)
     with httpx.Client(base_url=args.url, timeout=httpx.Timeout(30.0, read=None)) as client:
         try:
-            job, headers = run_job(
-                client, spec, {"candidates": args.candidates}, "cand", args.quiet
-            )
+            job, headers = run_job(client, spec, {"candidates": args.candidates}, args.quiet)
         except JobFailed as error:
             return fail("filter", str(error), error.code)
         result = client.get(

@@ -29,7 +29,7 @@ def add_url_flags(command) -> None:
 
 
 def run_job(
-    client: Any, spec: dict[str, Any], files: dict[str, Path], unit: str, quiet: bool
+    client: Any, spec: dict[str, Any], files: dict[str, Path], quiet: bool
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Submit `spec` with `files` (multipart part name -> path), follow it to its end;
     returns (the finished job, the headers that read it). Raises JobFailed."""
@@ -47,19 +47,18 @@ def run_job(
         raise JobFailed(f"the service refused the job ({answer.status_code}): {answer.text}", 2)
     job = answer.json()
     headers = {"X-IMH-Job-Token": job["token"]}
-    state = follow(client, job, headers, unit, quiet)
+    state = follow(client, job, headers, quiet)
     job = client.get(f"/v1/jobs/{job['id']}", headers=headers).json()
     if state != "succeeded":
         raise JobFailed(f"job {job['id']} {state}: {job.get('error') or ''}", 1)
     return job, headers
 
 
-def follow(client: Any, job: dict, headers: dict, unit: str, quiet: bool) -> str:
+def follow(client: Any, job: dict, headers: dict, quiet: bool) -> str:
     """Show the job's progress until it ends; returns its final state."""
     from tqdm import tqdm
 
-    bar = tqdm(total=100, unit="%", desc=job["type"], disable=quiet, bar_format=None)
-    bar.unit = unit
+    bar = tqdm(total=100, unit="%", desc=f"{job['type']} {job['id']}", disable=quiet)
     state = job["state"]
     with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=headers) as events:
         for name, data in sse(events.iter_lines()):

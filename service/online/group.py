@@ -31,6 +31,7 @@ from service.online.admission import AdmissionQueue
 from service.online.chains import BlockSpec, ChainBlock, call, settle
 
 log = logging.getLogger("imh.engine")
+STREAM_BURN_IN = 100  # steps
 _GAUGES = ("batch_rows", "step_duration", "proposals", "accepted", "queued_rows", "active_chains")
 
 
@@ -40,6 +41,13 @@ class Plan(Protocol):
     def start(self, spec: BlockSpec, noise: Noise) -> tuple[Kernel, Any]: ...
 
     def fallback_rows(self, state: Any) -> int: ...
+
+
+def _burn_in(block: ChainBlock) -> int:
+    """Steps before a chain's trace counts: half of a final-mode request's steps; the
+    same, at most STREAM_BURN_IN, for a stream (which may stop long before its steps)."""
+    half = block.spec.steps // 2
+    return min(half, STREAM_BURN_IN) if block.spec.stream else half
 
 
 class _Batch(NamedTuple):
@@ -204,8 +212,12 @@ class Group:
         self._m["accepted"].inc(sum(counts))
 
     def _record(self, block: ChainBlock, info: Any, rows: slice) -> None:
-        """The block's trace for R-hat and ESS: its first round only, warm-up skipped."""
-        if block.recorder is None or block.phase != 0:
+        """The block's trace for R-hat and ESS: its first round only, after warm-up.
+
+        Every chain's first steps are warm-up: adaptation where the method adapts
+        (`info.in_warmup`), burn-in from its start otherwise (a real sample, a prior
+        draw), so the diagnostics judge the chains where their samples come from."""
+        if block.recorder is None or block.phase != 0 or block.steps_done <= _burn_in(block):
             return
         trace = None if info.trace is None else info.trace[rows]
         warmup = None if info.in_warmup is None else info.in_warmup[rows]

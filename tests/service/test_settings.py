@@ -32,3 +32,24 @@ def test_inconsistent_limits_are_refused():
         Settings(max_n=100, max_queued_rows=10)
     with pytest.raises(ValidationError):
         Settings(max_batch_size=0)
+
+
+def test_the_readme_lists_every_setting_as_imh_settings_prints_it():
+    from pathlib import Path
+
+    from service.cli.main import markdown_settings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("<!-- begin:settings -->")[1].split("<!-- end:settings -->")[0]
+    assert table.strip() == markdown_settings().strip(), "run .venv/bin/imh settings --markdown"
+    assert len(table.strip().splitlines()) == len(Settings.model_fields) + 2
+
+
+def test_every_setting_is_a_flag_with_its_default_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--help"])
+    shown = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in shown
+    assert "IMH_MAX_N; default: 65536" in " ".join(shown.split())
+    assert settings_from(parser().parse_args(["serve", "--max-n", "12"])).max_n == 12
