@@ -162,7 +162,7 @@ def compile_model(
     except WarmupMismatch as error:
         return _eager(module, ref, str(error))
     except Exception as error:  # noqa: BLE001 - any compiler failure leaves the model eager
-        return _eager(module, ref, f"compiling failed: {type(error).__name__}: {_first(error)}")
+        return _eager(module, ref, f"compiling failed: {_reason(error)}")
     seconds = time.monotonic() - started
     if not wrapper.compiled_anywhere:
         return _eager(module, ref, f"compiled was not faster at warm-up ({wrapper.summary()})")
@@ -177,9 +177,12 @@ def _eager(module: torch.nn.Module, ref: str, reason: str) -> Outcome:
     return Outcome(module, False, f"eager: {reason}")
 
 
-def _first(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
+    """The innermost error's type and first line (the compiler wraps the cause)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 class WarmupMismatch(Exception):
@@ -247,8 +250,13 @@ class CompiledModule(torch.nn.Module):
         for mode, inputs in wanted:
             values = max(math.prod(shape) for shape, _ in inputs)
             sizes = [n for n in rows if n * values <= MAX_WARMUP_VALUES] or [min(rows)]
-            for n in sizes:
+            for n in sizes:  # each may add a graph (inductor keeps tiny matmuls apart)
                 wrapper._check(_example(inputs, n, device), mode, n)
+            compiles = wrapper.compiles
+            for n in (MIN_ROWS + 1, *(size + 1 for size in sizes)):  # odd sizes in between
+                wrapper._check(_example(inputs, n, device), mode, n)
+                if wrapper.compiles != compiles:  # e.g. a branch on the batch's parity
+                    raise WarmupMismatch(_specialised(mode, n))
             routes = []
             for n in sizes:  # timed once every size has run: no compiling inside the timing
                 speedup = wrapper._time(_example(inputs, n, device), mode) if timed else None
@@ -347,6 +355,13 @@ class CompiledModule(torch.nn.Module):
                 sizes.append(f"{round(2**log_rows)} rows{'' if used else ' eager'}{figure}")
             parts.append(f"{_mode_name(mode)}: {', '.join(sizes)}")
         return "; ".join(parts)
+
+
+def _specialised(mode: str, rows: int) -> str:
+    return (
+        f"the compiled code depends on the batch size: {rows} rows needed a new graph "
+        f"({_mode_name(mode)}); it would recompile mid-request"
+    )
 
 
 def _mode_name(mode: str) -> str:
