@@ -11,13 +11,37 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx
 
-if TYPE_CHECKING:
-    from classifiers.lift import GraphWalk
+
+class GraphWalk(Protocol):
+    """What a handler uses of the walk over the graph (classifiers.lift.GraphWalk)."""
+
+    activation: fx.Node
+    in_tuple: bool
+    modules: list[torch.nn.Module]
+    probe: torch.Tensor
+    specs: list[dict[str, Any]]
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def bind(self, node: fx.Node) -> dict[str, Any]: ...
+
+    def tensor(self, node: fx.Node, value: Any, what: str) -> torch.Tensor: ...
+
+    def add_layer(self, node: fx.Node, spec: dict[str, Any], **tensors: torch.Tensor) -> None: ...
+
+    def replace_last(self, spec: dict[str, Any], **tensors: torch.Tensor) -> None: ...
+
+    def expect_activation(self, node: fx.Node, value: Any, what: str = "input") -> None: ...
+
 
 aten = torch.ops.aten
 

@@ -215,13 +215,13 @@ def warnings(r_hat_value: float, ess_value: float, chains: int) -> list[str]:
     if not math.isfinite(r_hat_value):
         found.append(
             "chains did not mix: every chain stayed at its own value after warm-up. "
-            "Run more steps or use a method with global moves (isir, ex2mcmc)."
+            "Run more steps (a local method may need one with global moves: isir, ex2mcmc)."
         )
     elif r_hat_value > R_HAT_LIMIT:
         found.append(
             f"chains did not mix: split R-hat {r_hat_value:.2f} > {R_HAT_LIMIT} (chains "
             "disagree with each other); samples may over-represent where chains started. "
-            "Run more steps or use a method with global moves (isir, ex2mcmc)."
+            "Run more steps (a local method may need one with global moves: isir, ex2mcmc)."
         )
     if ess_value < ESS_PER_CHAIN * chains:
         found.append(

@@ -35,9 +35,11 @@ class InvalidRequest(ServiceError):
 
     code = "invalid_request"
 
-    def __init__(self, message: str, field: tuple[str | int, ...] = ()):
+    def __init__(
+        self, message: str, field: tuple[str | int, ...] = (), location: str = "body"
+    ):
         super().__init__(message)
-        self.field = field
+        self.field, self.location = field, location  # location: body, query or header
 
     def wire(self) -> dict[str, Any]:
         return {**super().wire(), "field": list(self.field)}

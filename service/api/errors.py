@@ -9,13 +9,13 @@ surrogate) is escaped rather than crashing the answer.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from service.errors import (
     BadModelFile,
@@ -58,20 +58,22 @@ def install_handlers(app: FastAPI) -> None:
 
 
 async def _method_not_allowed(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    """405 with an Allow header that lists every method of the path (Starlette names only
-    the first route's)."""
-    allowed: set[str] = set()
-    for route in request.app.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        methods = getattr(route, "methods", None)
-        if match != Match.NONE and methods:
-            allowed |= set(methods)
-    allowed.discard("HEAD") if "GET" not in allowed else None
-    allow = ", ".join(sorted(allowed))
+    """405 with an Allow header that lists every method of the path, as the OpenAPI
+    document has them (Starlette names only the first matching route's)."""
+    allow = ", ".join(_allowed_methods(request.app, request.url.path))
     return JSONResponse(
         {"detail": f"{request.method} is not allowed here; use {allow}"}, 405,
         headers={"Allow": allow},
     )  # fmt: skip
+
+
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\{[^/}]+\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -81,7 +83,8 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
     code = status_of(error)
     if isinstance(error, InvalidRequest):
-        detail = [{"loc": ["body", *error.field], "msg": error.message, "type": "value_error"}]
+        loc = [error.location, *error.field]
+        detail = [{"loc": loc, "msg": error.message, "type": "value_error"}]
         return JSONResponse({"detail": _printable(detail)}, code)
     headers = {"Retry-After": "1"} if code == 503 else None
     return JSONResponse({"detail": _printable(error.message)}, code, headers=headers)

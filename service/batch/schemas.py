@@ -152,8 +152,13 @@ class JobCounts(BaseModel):
     shards_done: int
     items: int = Field(description="samples (generate) or candidates (filter) in the job")
     items_done: int = Field(description="samples produced or candidates scored so far")
-    proposals: int = Field(description="generate: proposals evaluated; filter: candidates")
-    accepted: int = Field(description="generate: accepted proposals; filter: accepted candidates")
+    proposals: int = Field(
+        description="generate: points G and D evaluated; filter: candidates proposed to a chain"
+    )
+    chain_steps: int = Field(
+        0, description="generate: steps taken by all chains; filter: as proposals"
+    )
+    accepted: int = Field(description="chain steps that moved; filter: candidates moved to")
     acceptance_rate: float | None
 
 

@@ -202,7 +202,7 @@ class JobService:
             array = None  # one array: its samples
         elif array is not None and array not in FILTER_ARRAYS:
             raise InvalidRequest(
-                f"a filter job's result has arrays {list(FILTER_ARRAYS)}", ("array",)
+                f"a filter job's result has arrays {list(FILTER_ARRAYS)}", ("array",), "query"
             )
         return await self.store.result(job, array, safetensors)
 

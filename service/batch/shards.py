@@ -99,11 +99,12 @@ class ShardRunner:
             outcome, last = "duplicate", job["counts"]["shards_done"] == job["counts"]["shards"]
         else:
             if job_type == "generate":
-                output, proposals, accepted = await self._generate(job, shard)
+                output, proposals, accepted, steps = await self._generate(job, shard)
             else:
                 output, proposals, accepted = await self._score(job, shard)
+                steps = 0  # a chain over the scores runs once every shard is in
             outcome, last = await self.store.complete_shard(
-                job_id, shard, output, proposals, accepted
+                job_id, shard, output, proposals, accepted, steps
             )
             if outcome == "done":
                 self.metrics.job_items.labels(job_type).inc(len(output))
@@ -126,13 +127,19 @@ class ShardRunner:
             await self.announce("install", name, version)
         return "done"
 
-    async def _generate(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:
+    async def _generate(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int, int]:
         spec = GenerateJobCreate.model_validate(job["spec"])
         rows = job["shard_sizes"][shard]
         body = spec.shard_request(rows, shard_seed(spec.seed, shard))
         # Shards step in the bulk lane: online requests never wait for their steps.
         answer = await self.sampling.sample(body, bulk=True)
-        return answer.samples.float().numpy(), answer.stats["proposals"], answer.stats["accepted"]
+        stats = answer.stats
+        return (
+            answer.samples.float().numpy(),
+            stats["proposals"],
+            stats["accepted"],
+            stats["chain_steps"],
+        )
 
     async def _score(self, job: dict[str, Any], shard: int) -> tuple[np.ndarray, int, int]:
         spec = FilterJobCreate.model_validate(job["spec"])

@@ -37,7 +37,7 @@ from service.distributed.keys import JOBS
 
 SAMPLES = "samples"
 FILTER_ARRAYS = ("indices", "scores", "log_ratio", "final")  # the first is the default
-_HASH_INTS = ("shards", "items", "proposals", "accepted")
+_HASH_INTS = ("shards", "items", "proposals", "chain_steps", "accepted")
 FOLLOWERS_S = 60  # a deleted job's events stay this long for clients following them
 
 
@@ -74,7 +74,8 @@ class JobStore:
             "id": job_id, "type": job_type, "state": "queued", "spec": json.dumps(spec),
             "owner": owner, "inputs": json.dumps(sorted(inputs or {})),
             "shards": len(shard_sizes), "shard_sizes": json.dumps(shard_sizes), "items": n,
-            "sample_shape": json.dumps(list(sample_shape)), "proposals": 0, "accepted": 0,
+            "sample_shape": json.dumps(list(sample_shape)), "proposals": 0, "chain_steps": 0,
+            "accepted": 0,
             "created_at": now,
         }  # fmt: skip
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -251,7 +252,13 @@ class JobStore:
         return bool(await self.redis.sismember(self.keys.job_done(job_id), shard))
 
     async def complete_shard(
-        self, job_id: str, shard: int, output: np.ndarray, proposals: int, accepted: int
+        self,
+        job_id: str,
+        shard: int,
+        output: np.ndarray,
+        proposals: int,
+        accepted: int,
+        chain_steps: int | None = None,
     ) -> tuple[str, bool]:
         """Write a shard's output once. Returns (outcome, all shards done).
 
@@ -275,6 +282,7 @@ class JobStore:
             pipe.multi()
             pipe.sadd(done_key, shard)
             pipe.hincrby(job_key, "proposals", proposals)
+            pipe.hincrby(job_key, "chain_steps", proposals if chain_steps is None else chain_steps)
             pipe.hincrby(job_key, "accepted", accepted)
             items_done = sum(sizes[k] for k in done)
             self._event(pipe, job_id, "progress", {
@@ -303,7 +311,8 @@ class JobStore:
             if state is None or state.decode() != "running":
                 return False, False
             pipe.multi()
-            pipe.hset(job_key, mapping={"accepted": accepted, "proposals": proposals})
+            pipe.hset(job_key, mapping={"accepted": accepted, "proposals": proposals,
+                                        "chain_steps": proposals})  # fmt: skip
             self._finish(pipe, job_id, "filter", "succeeded", None)
             return True, True
 
@@ -401,8 +410,8 @@ class JobStore:
 def _decode(raw: dict[bytes, bytes], done: set[int]) -> dict[str, Any]:
     job = {k.decode(): v.decode() for k, v in raw.items()}
     sizes = json.loads(job["shard_sizes"])
-    counts = {name: int(job[name]) for name in _HASH_INTS}
-    proposals, accepted = counts["proposals"], counts["accepted"]
+    counts = {name: int(job.get(name, 0)) for name in _HASH_INTS}
+    proposals, accepted, steps = counts["proposals"], counts["accepted"], counts["chain_steps"]
     number = lambda name: float(job[name]) if name in job else None  # noqa: E731
     job_id = job["id"]
     return {
@@ -416,8 +425,9 @@ def _decode(raw: dict[bytes, bytes], done: set[int]) -> dict[str, Any]:
             "items": counts["items"],
             "items_done": sum(sizes[k] for k in done if k < len(sizes)),
             "proposals": proposals,
+            "chain_steps": steps,
             "accepted": accepted,
-            "acceptance_rate": accepted / proposals if proposals else None,
+            "acceptance_rate": accepted / steps if steps else None,
         },  # fmt: skip
         "created_at": float(job["created_at"]),
         "started_at": number("started_at"),

@@ -69,11 +69,12 @@ class StreamDone(Exception):
 
 class BlockOutcome(NamedTuple):
     samples: torch.Tensor | None  # final mode: (rows, *shape) on the CPU
-    proposals: int
-    accepted: int
+    proposals: int  # points evaluated (an i-SIR step proposes particles - 1 of them)
+    accepted: int  # chain steps that moved (drs: accepted trials)
     restarted: int
     fallback: int  # rows that return a fallback (drs: no accepted proposal at all)
     diagnostics: dict[str, Any] | None = None  # TraceRecorder.summary() of a traced block
+    row_steps: int = 0  # chain steps taken (drs: trials), what acceptance counts against
 
 
 class BlockOwner(Protocol):
@@ -99,6 +100,8 @@ class ChainBlock:
         self.rows, self.block_rows = spec.rows, list(spec.block_rows)
         self.state: Any = None
         self.steps_done = self.phase = self.proposals = self.accepted = self.emitted = 0
+        self.row_steps = 0  # chain steps taken, all rows
+        self.points_per_step = 1  # set by the group from the method's table
         self.restarted = 0
         self.last_stepped = -1  # the group's step counter when this block last stepped
         # Final mode may step a subset of the block's rows (the restart round, drs rows
@@ -137,8 +140,9 @@ class ChainBlock:
 
     def outcome(self, samples: torch.Tensor | None, fallback: int = 0) -> BlockOutcome:
         return BlockOutcome(
-            samples, self.proposals, self.accepted, self.restarted, fallback, self.diagnostics()
-        )
+            samples, self.proposals, self.accepted, self.restarted, fallback,
+            self.diagnostics(), self.row_steps,
+        )  # fmt: skip
 
     def diagnostics(self) -> dict[str, Any] | None:
         if self.recorder is None:

@@ -40,6 +40,8 @@ class Plan(Protocol):
 
     def start(self, spec: BlockSpec, noise: Noise) -> tuple[Kernel, Any]: ...
 
+    def points_per_step(self, options: dict[str, Any]) -> int: ...
+
     def fallback_rows(self, state: Any) -> int: ...
 
 
@@ -145,6 +147,7 @@ class Group:
             try:
                 kernel, state = plan.start(batch[0].spec, self._noise(batch))
                 parts = split(state, [block.rows for block in batch])
+                points = plan.points_per_step(batch[0].spec.options)
             except Exception as error:  # noqa: BLE001 - retry alone: only the culprit fails
                 if len(batch) > 1:
                     for block in batch:
@@ -154,9 +157,9 @@ class Group:
                 continue
             self._kernel = self._kernel or kernel
             for block, part in zip(batch, parts, strict=True):
-                block.state = part
+                block.state, block.points_per_step = part, points
                 if block.spec.steps == 0:
-                    block.proposals = block.accepted = block.rows
+                    block.proposals = block.accepted = block.row_steps = block.rows
                     self._finish(block, block.outcome(kernel.output(part).cpu()), None)
 
     def _noise(self, blocks: list[ChainBlock]) -> Noise:
@@ -178,8 +181,8 @@ class Group:
         state, info = self._kernel.step(batch.state, batch.noise)
         self._steps += 1
         shown = emitted(info)
-        counts = torch.zeros(len(runnable), dtype=torch.long, device=info.is_accepted.device)
-        counts = counts.index_add_(0, batch.owner, info.is_accepted.long()).tolist()
+        counts = self._per_block(batch, info.is_accepted)
+        shown_counts = self._per_block(batch, shown) if shown is not info.is_accepted else counts
         emits = [b.spec.stream and (b.steps_done + 1) % b.spec.thin == 0 for b in runnable]
         outputs = self._kernel.output(state) if any(emits) else None
         self._batch = batch._replace(state=state)
@@ -188,11 +191,12 @@ class Group:
             rows = slice(batch.offsets[index], batch.offsets[index + 1])
             block.steps_done += 1
             block.last_stepped = self._steps
-            block.proposals += block.rows
+            block.row_steps += block.rows
+            block.proposals += block.rows * block.points_per_step
             block.accepted += counts[index]
             self._record(block, info, rows)
             if block.spec.stream:
-                if emits[index] and counts[index]:
+                if emits[index] and shown_counts[index]:
                     self._emit(block, outputs[rows][shown[rows]])
                 if block.emitted >= block.spec.target or block.steps_done >= block.spec.steps:
                     self._finish(block, block.outcome(None), None)
@@ -208,8 +212,13 @@ class Group:
             self._batch = None
         self._m["batch_rows"].observe(batch.offsets[-1])
         self._m["step_duration"].observe(time.perf_counter() - started)
-        self._m["proposals"].inc(batch.offsets[-1])
+        self._m["proposals"].inc(sum(b.rows * b.points_per_step for b in runnable))
         self._m["accepted"].inc(sum(counts))
+
+    def _per_block(self, batch: _Batch, mask: torch.Tensor) -> list[int]:
+        """How many rows of each block the (B,) mask marks."""
+        counts = torch.zeros(len(batch.members), dtype=torch.long, device=mask.device)
+        return counts.index_add_(0, batch.owner, mask.long()).tolist()
 
     def _record(self, block: ChainBlock, info: Any, rows: slice) -> None:
         """The block's trace for R-hat and ESS: its first round only, after warm-up.

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from samplers import Noise, markov, proposals
-from samplers.methods import MethodError, Models, drs_pilot, prepare
+from samplers.methods import TABLE, MethodError, Models, drs_pilot, prepare
 from service.errors import InvalidRequest
 from service.models.loading import LoadedModel
 from service.online.chains import BlockSpec
@@ -33,7 +33,7 @@ class MethodPlan:
         self.models = build_models(resolved)
         self.pilot_logits = None
         if self.method == "drs":
-            key = resolved.key
+            key = resolved.key[:-1]  # the models and calibration, whatever the lane
             if key not in pilot_cache:
                 pilot_cache[key] = drs_pilot(self.models, self.models.log_ratio, device)
             self.pilot_logits = pilot_cache[key]
@@ -45,6 +45,12 @@ class MethodPlan:
             )
         except MethodError as error:
             raise request_options_error(error, self.method) from None
+
+    def points_per_step(self, options: dict[str, Any]) -> int:
+        """Points (G and D evaluations) one chain's step proposes: i-SIR's new particles,
+        Ex2MCMC's particles and MALA steps; 1 for the others."""
+        spec = TABLE[self.method]
+        return spec.proposals_per_step(spec.validate(options))
 
     def fallback_rows(self, state: Any) -> int:
         return int((~state.has_sample).sum()) if self.method == "drs" else 0

@@ -106,6 +106,11 @@ def resolve(
     if method == "markov":
         proposal, proposal_kind = _markov_proposal(registry, discriminator, params, options)
     mode = params.mode or ("stream" if stream else "final")
+    if stream and mode == "final":
+        raise InvalidRequest(
+            "/v1/sample/stream streams; for one sample per chain use POST /v1/sample",
+            ("params", "mode"),
+        )
     steps = body.steps or int(defaults.get("steps", DEFAULT_STEPS))
     chains = body.n
     if mode == "stream":

@@ -134,9 +134,13 @@ def request_dict(body: BaseModel) -> dict[str, Any]:
 class SampleStats(BaseModel):
     method: str
     n: int
-    proposals: int
-    accepted: int
-    acceptance_rate: float
+    proposals: int = Field(
+        description="points evaluated by G and D (an i-SIR step proposes particles - 1, an "
+        "Ex2MCMC step those plus its MALA steps; the others 1 per chain step)"
+    )
+    chain_steps: int = Field(description="steps taken by all chains together (drs: trials)")
+    accepted: int = Field(description="chain steps that moved (drs: accepted trials)")
+    acceptance_rate: float = Field(description="accepted / chain_steps")
     seconds: float
     restarted: int = Field(description="chains that needed the restart round")
     fallback: int = Field(

@@ -215,7 +215,7 @@ class SamplingService:
             "samples": emitted,
             "proposals": block.proposals,
             "accepted": block.accepted,
-            "acceptance_rate": block.accepted / max(block.proposals, 1),
+            "acceptance_rate": block.accepted / max(block.row_steps, 1),
             "proposals_per_second": block.proposals / seconds,
             "fid": fid.value() if fid else None,
             "fid_samples": fid.count if fid else 0,
@@ -229,6 +229,7 @@ class SamplingService:
     ) -> dict[str, Any]:
         proposals = sum(o.proposals for o in outcomes)
         accepted = sum(o.accepted for o in outcomes)
+        row_steps = sum(o.row_steps for o in outcomes)
         fallback = sum(o.fallback for o in outcomes)
         diagnostics = next((o.diagnostics for o in outcomes if o.diagnostics), None) or {}
         warnings = list(diagnostics.get("warnings", []))
@@ -246,7 +247,8 @@ class SamplingService:
             "n": n,
             "proposals": proposals,
             "accepted": accepted,
-            "acceptance_rate": accepted / max(proposals, 1),
+            "chain_steps": row_steps,
+            "acceptance_rate": accepted / max(row_steps, 1),
             "seconds": seconds,
             "restarted": sum(o.restarted for o in outcomes),
             "fallback": fallback,
@@ -259,7 +261,9 @@ class SamplingService:
             "r_hat": diagnostics.get("r_hat"),
             "ess": diagnostics.get("ess"),
             "trace": TRACED.get(resolved.method),
-            "diagnostics_note": diagnostics.get("reason"),
+            "diagnostics_note": diagnostics.get("reason")
+            if resolved.method in TRACED
+            else "this method has no per-chain trace",
             "warnings": warnings,
         }
 

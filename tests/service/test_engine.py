@@ -56,6 +56,9 @@ class ToyPlan:
 
         return recorded
 
+    def points_per_step(self, options) -> int:
+        return 1
+
     def fallback_rows(self, state) -> int:
         return 0
 

@@ -26,8 +26,10 @@ def test_every_method_returns_n_samples_and_stats(client, method):
     assert stats["method"] == method and stats["n"] == 5 and stats["mode"] == "final"
     assert stats["generator"] == "toy:1"
     assert stats["proposals"] >= (5 if method in ("none", "drs") else 5 * 4)  # drs: until accepted
-    assert 0 <= stats["accepted"] <= stats["proposals"]
-    assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["proposals"])
+    assert 0 <= stats["accepted"] <= stats["chain_steps"] <= stats["proposals"]
+    assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["chain_steps"])
+    if method == "isir":  # a step proposes particles - 1 points (8 particles by default)
+        assert stats["proposals"] == 7 * stats["chain_steps"]
     assert stats["discriminator"] == {"none": None, "markov": "toy-pair:1"}.get(method, "toy-d:1")
 
 

@@ -30,7 +30,6 @@ from service.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/classifiers", tags=["classifiers"])
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
-MAX_PREDICT_BODY_BYTES = 64 * 2**20  # 4096 inputs of a few thousand values each, as JSON
 INLINE_BYTES = 64 * 2**10  # bodies and answers up to this size are handled on the loop
 CHUNK = 1 << 20
 
@@ -112,7 +111,10 @@ async def get_classifier(name: str, service: ClassifiersDep) -> ClassifierPublic
     openapi_extra=PREDICT_BODY,
     responses={
         404: {"description": "no such classifier"},
-        413: {"description": "body larger than 64 MiB"},
+        413: {
+            "description": "a JSON body larger than IMH_MAX_BODY_BYTES, or .npy bytes "
+            "larger than IMH_MAX_UPLOAD_BYTES"
+        },
         415: {"description": "neither JSON nor .npy"},
         422: {"description": "bad inputs (shape, NaN, not numbers) or options out of range"},
     },
@@ -126,7 +128,7 @@ async def predict(
         int | None, Query(ge=0, lt=2**63, description="seed (a JSON body's own wins)")
     ] = None,
 ) -> Response:
-    data = await _read_body(request, MAX_PREDICT_BODY_BYTES)
+    data = await request.body()  # bounded while read (service/api/middleware.py BodyLimits)
     media_type = _media_type(request.headers.get("content-type"))
     if media_type in NPY_TYPES:
         where = "query"
@@ -213,22 +215,6 @@ def _media_type(header: str | None) -> str:
     message = Message()
     message["content-type"] = header
     return message.get_content_type()
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE, f"bodies are limited to {limit} bytes"
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(
-                status.HTTP_413_CONTENT_TOO_LARGE, f"bodies are limited to {limit} bytes"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:

@@ -23,11 +23,11 @@ NDJSON = "application/x-ndjson"
 INLINE_ENCODE_VALUES = 20_000  # about a millisecond of JSON encoding
 DISCONNECT_POLL_S = 0.25  # how soon a gone client's chains are freed
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "the body is not well-formed JSON"},
+    400: {"description": "the body cannot be read as text"},
     404: {"description": "unknown generator or discriminator"},
     413: {"description": "the body is larger than IMH_MAX_BODY_BYTES"},
     415: {"description": "the body is not JSON"},
-    422: {"description": "a field is out of range, of the wrong type, or unknown"},
+    422: {"description": "malformed JSON, or a field out of range, of the wrong type, unknown"},
     503: {"description": "the scheduler queue is full or models are loading (Retry-After)"},
 }
 
