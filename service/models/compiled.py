@@ -12,19 +12,22 @@ Opt in per server with IMH_COMPILE=1, or per model with the manifest's `"compile
 `compile_model` runs at load (`service.models.loading.load_model`), after the smoke
 tests. It compiles the module once per autograd mode the kernels use (inference mode
 for every kind; gradients too for generators and sample discriminators, which MALA and
-Ex2MCMC differentiate), warms it up at `WARMUP_ROWS` rows, checks each warm-up output
-(and the gradient with respect to the inputs) against eager within `RTOL`/`ATOL`, and
-times compiled against eager, interleaved, at each of those sizes. A call then runs
-compiled when its autograd mode, input shapes and dtypes match a warmed signature and
-compiled was at least `MIN_SPEEDUP` times faster at the warm-up size nearest its row
-count (log scale); otherwise eager, on the same weights. A manifest's `"compile": true`
-skips the timing (compiled wherever warmed). Any failure (the compiler raises, an
-output or gradient off eager's, inputs of unknown shape) leaves the model eager, with
-one log line and the reason on `LoadedModel.compile_note` (shown by /v1/models).
+Ex2MCMC differentiate), warms it up at `WARMUP_ROWS` and at the odd sizes `PROBE_ROWS` in
+between, checks every warm-up output (and the gradient with respect to the inputs)
+against eager within `RTOL`/`ATOL`, and times compiled against eager, interleaved, at
+each `WARMUP_ROWS` size. A call then runs compiled when its autograd mode, input shapes
+and dtypes match a warmed signature, it has at least `MIN_ROWS` rows, and compiled was at
+least `MIN_SPEEDUP` times faster at the warm-up size nearest its row count (log scale);
+otherwise eager, on the same weights. A manifest's `"compile": true` skips the timing
+(compiled wherever warmed). Any failure (the compiler raises, the batch dimension cannot
+stay dynamic, an output or gradient off eager's, inputs of unknown shape) leaves the
+model eager, with one log line and the reason on `LoadedModel.compile_note` (shown by
+/v1/models).
 
-Batch sizes: dynamic batch dimension, not padded buckets. Measured on the digits G+D
-(zoo), one CPU thread, torch 2.13, a loaded 2-core machine, interleaved rounds (the
-numbers that decided it; `benchmarks/compiled.py --design` repeats them):
+Batch sizes: a dynamic batch dimension, not padded buckets. Measured on the zoo's
+digits G then D, one CPU thread, torch 2.13, a loaded 2-core machine, interleaved rounds,
+speed-up over eager (a padded call runs the power-of-two bucket at or above its rows;
+`python -m benchmarks.compiled --design` repeats this, docs/BENCHMARKS.md has a run):
 
 | rows | inference: static, padded | inference: dynamic | gradients: static, padded | dynamic |
 |------|------|------|------|------|
@@ -35,17 +38,18 @@ numbers that decided it; `benchmarks/compiled.py --design` repeats them):
 | 3000 | x1.41 | x1.94 | x0.89 | x1.66 |
 | 4096 | x2.24 | x2.36 | x1.23 | x1.48 |
 
-(speed-up over eager). Static shapes compile once per bucket, 10-18 s each (cold
-inductor cache), so powers of two from 16 to 4096 cost 9 compiles per autograd mode, and
-a padded call pays for up to twice its rows; the dynamic batch dimension
-(`torch._dynamo.mark_dynamic` on dim 0 of every input) compiles once per mode (about
-30 s cold, first compile of the process included) and then serves every row count from
-2 up with no recompile, as fast as the static graph or faster. Calls of 0 or 1 rows run
-eager (dynamo specialises those sizes). After warm-up a model calls its compiled code
-through `torch._dynamo.run`, which never compiles: an input that matches no compiled
-entry runs eager instead of recompiling mid-request. On the toy25 MLPs (4 x 100) compiled
-was slower at every size (x0.5-x1.0 inference, x0.3-x0.5 gradients): the timing at
-warm-up keeps such models eager.
+Static shapes compile once per bucket, 10-18 s each with a cold inductor cache, so the
+powers of two from 16 to 4096 cost 9 compiles per autograd mode, and a padded call pays
+for up to twice its rows. The dynamic batch dimension (`torch._dynamo.mark_dynamic` on
+dim 0 of every input) compiles once per mode (about 30 s cold, the process's first
+compile included; a second graph where a kernel holds for a range of sizes only, e.g.
+convolutions from 16 rows, tiny matmuls up to 24) and then serves every row count with no
+recompile, as fast as the static graph or faster. Calls under 16 rows run eager: they
+gained nothing compiled, and would cost another graph. After warm-up a model calls its
+compiled code through `torch._dynamo.run`, which never compiles: an input that matches
+no compiled graph runs eager instead of recompiling mid-request. On the toy25 MLPs
+(4 x 100) compiled was slower at every size (x0.5-x1.0 inference, x0.3-x0.5 gradients):
+the timing at load keeps such models eager.
 
 GPU: the same code. CUDA graphs ("reduce-overhead") are not used: a group's row count
 changes whenever requests join or leave and DRS rows finish, and each new count would
