@@ -26,7 +26,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
 import torch
@@ -127,6 +128,19 @@ class Runtime:
         await asyncio.to_thread(self.engine.close)
         with contextlib.suppress(Exception):
             await self.broker.close()
+
+    def lifespan(self, drain_s: float) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+        """An ASGI app's lifespan: start with the app, stop (draining `drain_s`) with it."""
+
+        @asynccontextmanager
+        async def run(app: Any) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop(drain_s=drain_s)
+
+        return run
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` in the background until `stop()`."""

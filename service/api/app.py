@@ -11,8 +11,6 @@ models load in the background after start, /healthz answers at once and /readyz 
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -40,19 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ClassifierService(runtime.registry, settings, runtime.metrics),
     )  # fmt: skip
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop(drain_s=SHUTDOWN_DRAIN_S)
-
     app = FastAPI(
         title="imh-service",
         summary="Implicit Metropolis-Hastings post-processing for GANs",
         version="0.1.0",
-        lifespan=lifespan,
+        lifespan=runtime.lifespan(SHUTDOWN_DRAIN_S),
         docs_url=None,  # served by the dashboard router from local assets, like /redoc
         redoc_url=None,
     )

@@ -93,6 +93,10 @@ async def require_admin(
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+ADMIN_ERRORS: dict[int | str, dict[str, str]] = {  # the answers of require_admin
+    401: {"description": "no bearer token"},
+    403: {"description": "wrong token, or no IMH_ADMIN_TOKEN configured"},
+}
 
 
 async def require_json(request: Request) -> None:

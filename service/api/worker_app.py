@@ -9,8 +9,6 @@ machines that reach Redis, share the work; one per GPU.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI, Response, status
 from fastapi.responses import JSONResponse
 
@@ -25,15 +23,11 @@ def create_worker_app(settings: Settings) -> FastAPI:
     runtime = Runtime(settings, role="worker")
     worker = runtime.worker
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await runtime.start()
-        try:
-            yield
-        finally:
-            await runtime.stop(drain_s=settings.worker_drain_s)
-
-    app = FastAPI(title="imh-service worker", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="imh-service worker",
+        version="0.1.0",
+        lifespan=runtime.lifespan(settings.worker_drain_s),
+    )
     app.state.runtime = runtime
 
     @app.get("/healthz")

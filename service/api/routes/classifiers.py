@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.api import encoding
-from service.api.deps import AdminDep, StateDep
+from service.api.deps import ADMIN_ERRORS, AdminDep, StateDep
 from service.classifiers.schemas import (
     ClassifierPublic,
     ClassifiersPublic,
@@ -165,8 +165,7 @@ async def predict(
     openapi_extra=FIT_BODY,
     responses={
         400: {"description": "a multipart form that cannot be parsed"},
-        401: {"description": "no bearer token"},
-        403: {"description": "wrong token, or no IMH_ADMIN_TOKEN configured"},
+        **ADMIN_ERRORS,
         404: {"description": "no such classifier"},
         413: {"description": "upload larger than IMH_MAX_UPLOAD_BYTES"},
         422: {"description": "no BatchNorm layers, too few inputs, bad field"},

@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.api.deps import AdminDep, StateDep
+from service.api.deps import ADMIN_ERRORS, AdminDep, StateDep
 from service.api.schemas import ModelDeleted, ModelPublic, ModelsPublic, ModelVersionsPublic
 from service.models.loading import LoadedModel
 from service.models.registry import Registry
@@ -100,8 +100,7 @@ async def get_model(name: str, state: StateDep) -> ModelVersionsPublic:
     openapi_extra=UPLOAD_BODY,
     responses={
         400: {"description": "bad manifest or files, or the model fails its smoke test"},
-        401: {"description": "no bearer token"},
-        403: {"description": "wrong token, or no IMH_ADMIN_TOKEN configured"},
+        **ADMIN_ERRORS,
         409: {"description": "that version exists (send replace=true)"},
         413: {"description": "upload larger than IMH_MAX_UPLOAD_BYTES"},
         415: {"description": "a file would need unpickling; refused"},
@@ -152,8 +151,7 @@ async def upload_model(request: Request, state: StateDep, _admin: AdminDep) -> M
     response_model=ModelDeleted,
     summary="Delete a version: unload it and remove an uploaded model's files (admin token)",
     responses={
-        401: {"description": "no bearer token"},
-        403: {"description": "wrong token, or no IMH_ADMIN_TOKEN configured"},
+        **ADMIN_ERRORS,
         404: {"description": "no such model"},
         409: {"description": "a built-in model, and IMH_ALLOW_ZOO_DELETE is off"},
     },
