@@ -84,7 +84,13 @@ WARMUP_ROWS = (16, 256, 4096)  # the engine's usual batches: small requests, str
 PROBE_ROWS = (17, 63, 257, 1023, 4097)  # checked too, not timed: sizes in between
 MIN_ROWS = 16  # fewer rows run eager: no faster compiled, and convolutions guard on 16
 MIN_SPEEDUP = 1.1  # compiled at a size only when this much faster than eager there
-RTOL, ATOL = 1e-3, 1e-4  # warm-up outputs and gradients against eager (ATOL x output scale)
+RTOL, ATOL = 1e-3, 1e-4  # warm-up outputs against eager, per value (ATOL x largest |value|)
+# Input gradients against eager, as a whole: |compiled - eager| <= GRAD_RTOL |eager| (2-norm).
+# A piecewise-linear net's gradient jumps where rounding moves a unit across its kink, so a
+# few values differ by O(1) in float32 whichever way it is computed: eager float32 itself
+# was up to 7e-4 (relative norm) from float64 on the zoo's discriminators, compiled up to
+# 1.9e-3 (digits-d-gan, uniform inputs); outputs agreed to 2e-6.
+GRAD_RTOL = 1e-2
 MAX_WARMUP_VALUES = 2**24  # input values of one warm-up call (a larger size is skipped)
 TIMING_S = 0.25  # time spent per side on each (mode, size) speed check, at least 3 pairs
 MAX_NOTE = 600
@@ -287,11 +293,20 @@ class CompiledModule(torch.nn.Module):
                     f"({_mode_name(mode)}, {rows} rows)"
                 )
             ours, theirs = ours.detach().double(), theirs.detach().double()
+            if what == "gradient":  # as a whole: see GRAD_RTOL
+                gap = float((ours - theirs).nan_to_num().norm())
+                size = max(float(theirs.nan_to_num().norm()), 1e-30)
+                if gap > GRAD_RTOL * size or ours.isnan().ne(theirs.isnan()).any():
+                    raise WarmupMismatch(
+                        f"the compiled gradient differs from eager's by {gap / size:.3g} of "
+                        f"its norm at warm-up (tolerance {GRAD_RTOL:g}; {rows} rows)"
+                    )
+                continue
             scale = max(1.0, float(theirs.abs().nan_to_num().max())) if theirs.numel() else 1.0
             if not torch.allclose(ours, theirs, rtol=RTOL, atol=ATOL * scale, equal_nan=True):
                 gap = float((ours - theirs).abs().nan_to_num(nan=math.inf).max())
                 raise WarmupMismatch(
-                    f"the compiled {what} differs from eager's by {gap:.3g} at warm-up "
+                    f"the compiled output differs from eager's by {gap:.3g} at warm-up "
                     f"(tolerance {RTOL:g} relative + {ATOL * scale:.3g}; {_mode_name(mode)}, "
                     f"{rows} rows)"
                 )
