@@ -124,3 +124,7 @@ def test_not_ready_and_a_full_queue_answer_503_with_retry_after(tmp_path):
     response = in_process(app, "POST", "/v1/sample", json=body)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "queue is full" in response.json()["detail"]
+
+
+def test_an_embedded_server_logs_no_redis_recovery(server):
+    assert "Redis is reachable" not in server.log()  # embedded mode has no Redis to lose

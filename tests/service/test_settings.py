@@ -53,3 +53,18 @@ def test_every_setting_is_a_flag_with_its_default_in_the_help(capsys):
         assert f"--{name.replace('_', '-')}" in shown
     assert "IMH_MAX_N; default: 65536" in " ".join(shown.split())
     assert settings_from(parser().parse_args(["serve", "--max-n", "12"])).max_n == 12
+
+
+def test_a_second_worker_on_a_taken_port_says_what_to_do(capsys):
+    import socket
+
+    from service.cli.main import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["worker", "--redis-url", "redis://127.0.0.1:1/0", "--port", str(port)])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert f"port {port}" in message and "--port" in message and "another imh worker" in message
