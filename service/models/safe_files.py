@@ -68,9 +68,19 @@ def refuse_pickle(path: Path, shown_name: str) -> None:
             "export the model with torch.export (.pt2) or save weights as .safetensors"
         )
     with path.open("rb") as file:
-        first = file.read(1)
-    if first and first[0] == PICKLE_PROTOCOL_MARKER:
+        head = file.read(9)
+    if _safetensors_head(head, path.stat().st_size):
+        return  # its 8-byte header length may well start with 0x80: not a pickle
+    if len(head) >= 2 and head[0] == PICKLE_PROTOCOL_MARKER and 2 <= head[1] <= 5:
         raise UnsafeModelFile(f"{shown_name} is a pickle stream; pickles are never loaded")
+
+
+def _safetensors_head(head: bytes, file_size: int) -> bool:
+    """The first bytes of a safetensors file: a little-endian u64 header length that fits
+    the file, then the header's opening brace."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= file_size
 
 
 def check_pt2(path: Path, shown_name: str) -> None:

@@ -160,3 +160,22 @@ def test_without_a_configured_token_administration_is_refused(tmp_path):
 
 def test_models_gauge_counts_loaded_models(client):
     assert metric(client, "imh_models_loaded", kind="generator") >= 3
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_load(tmp_path):
+    """A header of 0x280 bytes writes 0x80 first, as a pickle stream begins: still safe."""
+    from safetensors.torch import load_file, save_file
+
+    from service.models import safe_files
+
+    path = tmp_path / "weights.safetensors"
+    for size in range(1, 400):  # find tensor names whose header is 0x280 bytes long
+        save_file({"w" * size: torch.zeros(1)}, str(path))
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    safe_files.refuse_pickle(path, "weights.safetensors")  # no error
+    assert len(load_file(str(path))) == 1
+    path.write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    with pytest.raises(safe_files.UnsafeModelFile):
+        safe_files.refuse_pickle(path, "weights.safetensors")
