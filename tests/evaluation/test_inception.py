@@ -124,3 +124,32 @@ def test_pytorch_fid_gives_the_same_features():
         ours = FidInception(batch_size=4)(images)
         theirs = load_inception(2048, device="cpu")(images)
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+
+
+def test_the_registry_loads_inception_without_a_weights_file_and_reads_it_at_first_use(
+    stand_in,
+):
+    from service.models.registry import Registry
+
+    folder = catalog.model_dir("inception", "1")
+    registry = Registry(torch.device("cpu"))
+    loaded = registry.load_one(folder.parent.parent, "inception", "1", "zoo")
+    assert loaded.manifest.weights is None and registry.get("inception").ref == "inception:1"
+    assert loaded.module._networks == {}  # nothing read yet: a server that never scores
+    with torch.inference_mode():
+        features = loaded.module(torch.rand(2, 1, 28, 28))
+    assert features.shape == (2, 2048) and len(loaded.module._networks) == 1
+
+
+def test_only_architectures_that_carry_their_parameters_may_omit_weights():
+    from pydantic import ValidationError
+
+    from service.models.manifests import parse_manifest
+
+    features = {"kind": "features", "format": "zoo", "feature_dim": 2048}
+    inception_manifest = {**features, "architecture": "evaluation.inception:FidInception"}
+    assert parse_manifest(json.dumps(inception_manifest)).weights is None
+    with pytest.raises(ValidationError, match="weights"):
+        parse_manifest(json.dumps({**features, "architecture": "zoo.fashion:FashionFeatures"}))
+    with pytest.raises(ValidationError, match="registered architecture"):
+        parse_manifest(json.dumps({**features, "architecture": "zoo.fashion:nothing"}))
