@@ -86,3 +86,20 @@ def test_a_client_that_disconnects_frees_its_chains(client, server):
     assert metric(client, "imh_sample_requests_total", outcome="cancelled", **labels) == 1
     assert metric(client, "imh_sample_requests_total", outcome="ok", **labels) == finished
     assert client.get("/healthz").status_code == 200
+
+
+def test_fashion_streams_report_running_fid_in_its_fast_feature_space(client):
+    # A stream emits accepted proposals only; fashion-d accepts a few in a hundred.
+    body = {"generator": "fashion", "method": "imh", "n": 32, "steps": 2000, "seed": 0,
+            "params": {"chains": 32}}  # fmt: skip
+    headers = {"Accept": "application/x-ndjson"}
+    with client.stream("POST", "/v1/sample/stream", json=body, headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    samples = [row for line in lines if line["event"] == "samples" for row in line["samples"]]
+    assert len(samples) == 32 and len(samples[0]) == 1 and len(samples[0][0]) == 28
+    fid = [line["fid"] for line in lines if line["event"] == "metrics"][-1]
+    assert fid is not None and fid > 0
+    assert metric(client, "imh_running_fid", model="fashion", method="imh") == fid
+    names = {model["name"] for model in client.get("/v1/models").json()["models"]}
+    assert {"fashion", "fashion-d", "fashion-d-gan", "fashion-features", "inception"} <= names
