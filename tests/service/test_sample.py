@@ -143,3 +143,15 @@ def test_a_client_that_gives_up_on_a_final_request_frees_its_chains(client, serv
         assert time.monotonic() < deadline, "the chains of a gone client were not freed"
         time.sleep(0.05)
     assert metric(client, "imh_sample_requests_total", outcome="ok", **labels) == 0
+
+
+def test_the_readme_drs_example_returns_drs_samples_without_fallbacks(client):
+    """README: {"generator": "toy25", "method": "drs", "n": 1000, "format": "npy"}."""
+    answer = client.post(
+        "/v1/sample", json={"generator": "toy25", "method": "drs", "n": 1000, "format": "npy"}
+    )
+    assert answer.status_code == 200
+    stats = json.loads(answer.headers["X-IMH-Stats"])
+    samples = np.load(io.BytesIO(answer.content), allow_pickle=False)
+    assert samples.shape == (1000, 2) and stats["n"] == 1000
+    assert stats["fallback"] == 0 and stats["accepted"] == 1000
