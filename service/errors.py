@@ -35,9 +35,7 @@ class InvalidRequest(ServiceError):
 
     code = "invalid_request"
 
-    def __init__(
-        self, message: str, field: tuple[str | int, ...] = (), location: str = "body"
-    ):
+    def __init__(self, message: str, field: tuple[str | int, ...] = (), location: str = "body"):
         super().__init__(message)
         self.field, self.location = field, location  # location: body, query or header
 
